@@ -1,0 +1,116 @@
+"""What the HTTP layer adds: the same generation through the server vs. called directly, on the tiny model (CPU).
+
+Prints one JSON line per mode and a summary; `--json PATH` also writes them to a file.
+The server runs in its own process (the real `shizhen serve` command), as in production.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from shizhen.engine.loader import load_model
+from shizhen.engine.prompt import ChatTurn, PromptBuilder
+from shizhen.engine.request import GenerationRequest
+from shizhen.engine.runner import SequenceRunner
+from shizhen.engine.sampling import SamplingParams
+from shizhen.tiny_checkpoint import build_tiny_checkpoint
+
+QUESTION = "舌红苔黄腻，是什么证型？"
+PIXELS = {"min_pixels": 28 * 28 * 4, "max_pixels": 28 * 28 * 64}
+
+
+def direct_seconds(checkpoint: Path, tokens: int, repeats: int) -> list[float]:
+    """Prompt building plus generation, in-process, no HTTP."""
+    loaded = load_model(str(checkpoint))
+    builder = PromptBuilder(loaded.processor, PIXELS["min_pixels"], PIXELS["max_pixels"])
+    runner = SequenceRunner(loaded)
+    timings = []
+    for _ in range(repeats + 2):
+        started = time.perf_counter()
+        prompt = builder.build([ChatTurn("user", (QUESTION,))])
+        request = GenerationRequest("bench", prompt, SamplingParams(max_new_tokens=tokens, temperature=0, ignore_eos=True))
+        outputs = list(runner.run(request, lambda: False))
+        timings.append(time.perf_counter() - started)
+        assert outputs[-1].completion_tokens == tokens
+    return timings[2:]  # the first runs warm up
+
+
+def http_seconds(url: str, tokens: int, repeats: int, stream: bool) -> list[float]:
+    body = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": tokens, "temperature": 0,
+            "ignore_eos": True, "stream": stream}
+    timings = []
+    with httpx.Client(base_url=url, timeout=60) as client:
+        for _ in range(repeats + 2):
+            started = time.perf_counter()
+            if stream:
+                with client.stream("POST", "/v1/chat/completions", json=body) as response:
+                    for _line in response.iter_lines():
+                        pass
+            else:
+                assert client.post("/v1/chat/completions", json=body).json()["usage"]["completion_tokens"] == tokens
+            timings.append(time.perf_counter() - started)
+    return timings[2:]
+
+
+def start_server(checkpoint: Path, port: int) -> subprocess.Popen:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "shizhen.cli", "serve", "--model", str(checkpoint), "--port", str(port),
+         "--host", "127.0.0.1", "--log-level", "warning",
+         "--image-min-pixels", str(PIXELS["min_pixels"]), "--image-max-pixels", str(PIXELS["max_pixels"])],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                return process
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    process.kill()
+    raise RuntimeError("server did not start")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=30)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--port", type=int, default=8931)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = build_tiny_checkpoint(Path(folder) / "tiny")
+        direct = statistics.median(direct_seconds(checkpoint, args.tokens, args.requests))
+        server = start_server(checkpoint, args.port)
+        try:
+            url = f"http://127.0.0.1:{args.port}"
+            plain = statistics.median(http_seconds(url, args.tokens, args.requests, stream=False))
+            streamed = statistics.median(http_seconds(url, args.tokens, args.requests, stream=True))
+        finally:
+            server.terminate()
+            server.wait(10)
+    rows = [
+        {"mode": "direct", "median_s": round(direct, 5), "tokens": args.tokens},
+        {"mode": "http", "median_s": round(plain, 5), "overhead_ms_per_request": round((plain - direct) * 1e3, 2)},
+        {"mode": "http_stream", "median_s": round(streamed, 5),
+         "overhead_ms_per_request": round((streamed - direct) * 1e3, 2),
+         "overhead_us_per_streamed_token": round((streamed - plain) / args.tokens * 1e6, 1)},
+    ]
+    for row in rows:
+        print(json.dumps(row))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()

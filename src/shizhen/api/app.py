@@ -1,0 +1,80 @@
+"""The app factory. The engine is built in the lifespan and loads in the background, so `/live` and `/health`
+answer from the first second; tests build apps with their own settings."""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+from functools import partial
+
+from fastapi import APIRouter, Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from ..config import Settings
+from ..engine.engine import Engine
+from ..engine.loader import load_model
+from ..serving import ChatService, is_random_test_model
+from . import chat, health, models
+from .auth import require_api_key
+from .body_limit import BodySizeLimit
+from .errors import install_error_handlers
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings, model_source: str | None = None) -> FastAPI:
+    """`model_source` is the folder or hub id to load (the demo passes its freshly built checkpoint)."""
+    source = model_source or settings.model
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine = Engine(partial(load_model_from_settings, source, settings))
+        app.state.engine = engine
+        app.state.chat = ChatService(settings, engine)
+        if is_random_test_model(source):
+            log.warning("serving a RANDOM TEST MODEL from %s: its answers are gibberish", source)
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="ShizhenGPT API", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.model_source = source
+    app.state.started = time.monotonic()
+    app.state.created = time.time()
+    app.state.limits = {
+        "max_images_per_request": settings.max_images_per_request,
+        "max_image_bytes": settings.max_image_bytes,
+        "image_min_pixels": settings.image_min_pixels,
+        "image_max_pixels": settings.image_max_pixels,
+        "max_context_length": settings.max_context_length,
+        "max_tokens_limit": settings.max_tokens_limit,
+        "max_request_bytes": settings.max_request_bytes,
+    }
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.cors_allowed_origins,
+        allow_methods=["GET", "POST", "OPTIONS"],
+        allow_headers=["*"],
+        expose_headers=["Retry-After", "X-Request-ID"],
+    )
+    app.include_router(health.router)
+    api = APIRouter(dependencies=[Depends(require_api_key)])
+    api.include_router(models.router)
+    api.include_router(chat.router)
+    app.include_router(api)
+    return app
+
+
+def load_model_from_settings(source: str, settings: Settings, report_phase):
+    return load_model(
+        source,
+        dtype=settings.dtype,
+        device_map=settings.device_map,
+        max_memory=settings.max_memory,
+        cache_dir=str(settings.hub_cache_dir) if settings.hub_cache_dir else None,
+        report_phase=report_phase,
+    )

@@ -1,0 +1,58 @@
+"""`/live` (the process is up) and `/health` (the model's state, for load balancers and the deploy kit)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from ..engine.engine import EngineState
+from ..serving import is_random_test_model
+from .deps import AppSettings, EngineDep
+
+router = APIRouter()
+
+
+@router.get("/live")
+async def live() -> dict[str, str]:
+    """Always 200 while the process runs."""
+    return {"status": "alive"}
+
+
+@router.get("/health")
+async def health(request: Request, settings: AppSettings, engine: EngineDep) -> JSONResponse:
+    """200 when the model is ready to serve; 503 while loading or after a failed load."""
+    body: dict = {"status": engine.state.value, "model": settings.model_name}
+    if is_random_test_model(request.app.state.model_source):
+        body["random_test_model"] = True
+    if engine.state is EngineState.LOADING:
+        body |= {"phase": engine.phase, "elapsed_s": round(time.monotonic() - request.app.state.started, 1)}
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "10"})
+    if engine.state is EngineState.FAILED:
+        return JSONResponse(body | {"error": engine.error}, status_code=503)
+    loaded = engine.loaded
+    body |= {
+        "device": str(loaded.device),
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "gpu_memory": _gpu_memory(),
+        "load_seconds": round(engine.load_seconds, 2),
+        "requests": {"running": engine.running, "waiting": engine.waiting},
+        "limits": request.app.state.limits,
+    }
+    return JSONResponse(body)
+
+
+def _gpu_memory() -> dict[str, dict[str, float]]:
+    """Per GPU: GiB in use by this process's tensors, and free/total as the driver sees them."""
+    gib = 1024**3
+    report = {}
+    for index in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(index)
+        report[f"cuda:{index}"] = {
+            "allocated_gib": round(torch.cuda.memory_allocated(index) / gib, 2),
+            "free_gib": round(free / gib, 2),
+            "total_gib": round(total / gib, 2),
+        }
+    return report

@@ -1,0 +1,43 @@
+"""`/v1/models` in OpenAI's shape, with what clients need to adapt: context length and image limits."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from ..protocol import ModelCard, ModelList
+from ..serving import is_random_test_model
+from .deps import AppSettings, Chat
+
+router = APIRouter()
+
+
+def model_card(request: Request, settings: AppSettings) -> ModelCard:
+    source = request.app.state.model_source
+    random_model = is_random_test_model(source)
+    return ModelCard(
+        id=settings.model_name,
+        created=int(request.app.state.created),
+        owned_by="FreedomIntelligence" if not random_model else "shizhen-tests",
+        root=settings.model,
+        max_model_len=settings.max_context_length,
+        random_test_model=random_model,
+        description=(
+            "RANDOM TEST MODEL: tiny random weights built offline; its output is gibberish"
+            if random_model
+            else "ShizhenGPT, a Traditional Chinese Medicine vision-language model"
+        ),
+        limits=request.app.state.limits,
+    )
+
+
+@router.get("/v1/models")
+async def list_models(request: Request, settings: AppSettings) -> ModelList:
+    """The one model this server serves."""
+    return ModelList(data=[model_card(request, settings)])
+
+
+@router.get("/v1/models/{model_id:path}")
+async def retrieve_model(model_id: str, request: Request, settings: AppSettings, chat: Chat) -> ModelCard:
+    """One model by id; 404 for any other."""
+    chat.check_model(model_id)
+    return model_card(request, settings)

@@ -1,0 +1,120 @@
+"""The one settings object: environment variables prefixed `SHIZHEN_` (or a `.env` file), overridden by CLI flags.
+
+Every limit, default and path the server uses is read from here; `.env.example` documents each one.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_MODEL = "FreedomIntelligence/ShizhenGPT-32B-VL"
+DEMO_MODEL_NAME = "shizhen-demo-tiny-random"
+_MEMORY_SIZE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$", re.IGNORECASE)
+
+
+def _split_csv(value: object) -> object:
+    """Accept `a,b,c` from an environment variable as well as a list from Python or JSON."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="SHIZHEN_",
+        env_file=".env",
+        extra="ignore",
+        populate_by_name=True,
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+    )
+
+    # --- the model --------------------------------------------------------------------------------------------
+    model: str = Field(DEFAULT_MODEL, description="Hub id or local folder of the checkpoint.")
+    served_model_name: str | None = Field(
+        None, description="Name clients pass as `model`; defaults to the model id (or the demo's name)."
+    )
+    demo: bool = Field(
+        False, description="Serve a tiny random-weight checkpoint built offline (no GPU, no download)."
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="`auto`: bfloat16 where the GPU supports it, else float16; float32 on CPU."
+    )
+    device_map: str = Field("auto", description="Passed to from_pretrained: `auto`, `cuda:0`, `cpu`, ...")
+    max_memory: dict[str, str] | None = Field(
+        None,
+        description='Per-device memory cap for from_pretrained as JSON, e.g. {"0": "75GiB"} on an 80 GB card.',
+    )
+    cache_dir: Path | None = Field(
+        None,
+        validation_alias=AliasChoices("cache_dir", "SHIZHEN_CACHE_DIR", "HF_HOME"),
+        description="Model cache (HF_HOME); /workspace/models on a RunPod pod.",
+    )
+
+    # --- HTTP ---------------------------------------------------------------------------------------------------
+    host: str = "0.0.0.0"
+    port: int = Field(8000, ge=1, le=65535)
+    cors_allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["*"], description="Comma-separated origins; `*` allows any."
+    )
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="Comma-separated bearer keys; empty means no authentication."
+    )
+    max_request_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="Largest request body accepted.")
+    stream_heartbeat_seconds: float = Field(
+        15.0, gt=0, description="SSE comment sent while waiting for tokens, so idle-timeout proxies keep the stream."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # --- generation limits --------------------------------------------------------------------------------------
+    default_max_tokens: int = Field(2048, ge=1, description="Used when a request sets no max_tokens.")
+    max_tokens_limit: int = Field(8192, ge=1, description="Largest max_tokens a request may ask for.")
+    max_context_length: int = Field(8192, ge=16, description="Prompt plus completion tokens, at most.")
+
+    # --- images -------------------------------------------------------------------------------------------------
+    max_images_per_request: int = Field(4, ge=0)
+    max_image_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Largest encoded image accepted.")
+    # A tongue photo needs the coating's texture, cracks and tooth marks, not the whole face: ~776x776 pixels
+    # (768 visual tokens) keeps that detail while bounding prefill; tiny crops are upscaled to ~224x224.
+    image_min_pixels: int = Field(64 * 28 * 28, ge=28 * 28, description="Images are upscaled to at least this.")
+    image_max_pixels: int = Field(768 * 28 * 28, ge=28 * 28, description="Images are downscaled to at most this.")
+
+    @field_validator("cors_allowed_origins", "api_keys", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("max_memory")
+    @classmethod
+    def _valid_memory_map(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        for device, size in (value or {}).items():
+            if not (device.isdigit() or device in {"cpu", "disk"} or device.startswith("cuda:")):
+                raise ValueError(f"device {device!r} must be a GPU index, 'cuda:N', 'cpu' or 'disk'")
+            if not _MEMORY_SIZE.match(size):
+                raise ValueError(f"size {size!r} for device {device!r} must look like '75GiB' or '80GB'")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent_limits(self) -> Settings:
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError("default_max_tokens must not exceed max_tokens_limit")
+        if self.image_min_pixels > self.image_max_pixels:
+            raise ValueError("image_min_pixels must not exceed image_max_pixels")
+        return self
+
+    @property
+    def hub_cache_dir(self) -> Path | None:
+        """Where hub downloads go: `$HF_HOME/hub`, the layout huggingface_hub itself uses."""
+        return self.cache_dir / "hub" if self.cache_dir else None
+
+    @property
+    def model_name(self) -> str:
+        """The name clients use in `model`."""
+        if self.served_model_name:
+            return self.served_model_name
+        return DEMO_MODEL_NAME if self.demo else self.model

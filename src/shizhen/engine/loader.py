@@ -1,0 +1,78 @@
+"""Loads the checkpoint through the real path: AutoProcessor + Qwen2_5_VLForConditionalGeneration.from_pretrained."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoProcessor, GenerationConfig, Qwen2_5_VLForConditionalGeneration
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """`auto`: bf16 (Qwen2.5's training dtype) where the GPU supports it, else fp16; fp32 on CPU."""
+    if name != "auto":
+        return _DTYPES[name]
+    if not torch.cuda.is_available():
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+@dataclass
+class LoadedModel:
+    model: Qwen2_5_VLForConditionalGeneration
+    processor: object
+    dtype: torch.dtype
+    stop_token_ids: frozenset[int]
+    sampling_defaults: dict[str, float]
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.config.text_config.vocab_size
+
+
+def load_model(
+    source: str,
+    *,
+    dtype: str = "auto",
+    device_map: str = "auto",
+    max_memory: dict[str, str] | None = None,
+    cache_dir: str | None = None,
+    report_phase: Callable[[str], None] = lambda phase: None,
+) -> LoadedModel:
+    torch_dtype = resolve_dtype(dtype)
+    if not torch.cuda.is_available():
+        device_map, max_memory = "cpu", None  # a GPU map or memory cap means nothing without a GPU
+    max_memory = {int(k) if k.isdigit() else k: v for k, v in (max_memory or {}).items()} or None
+    report_phase(f"loading processor from {source}")
+    processor = AutoProcessor.from_pretrained(source, cache_dir=cache_dir)
+    report_phase(f"loading weights from {source} ({torch_dtype}, device_map={device_map})")
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        source, dtype=torch_dtype, device_map=device_map, max_memory=max_memory, cache_dir=cache_dir
+    )
+    model.eval()
+    config = model.generation_config
+    return LoadedModel(model, processor, torch_dtype, _stop_token_ids(config, processor), _sampling_defaults(config))
+
+
+def _stop_token_ids(generation_config: GenerationConfig, processor) -> frozenset[int]:
+    """The checkpoint's end-of-turn tokens: generation_config's eos ids plus the tokenizer's eos."""
+    eos = generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if processor.tokenizer.eos_token_id is not None:
+        ids.add(processor.tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+def _sampling_defaults(generation_config: GenerationConfig) -> dict[str, float]:
+    """The checkpoint's recommended sampling settings, used where a request leaves one out (as vLLM does)."""
+    if not generation_config.do_sample:
+        return {}
+    names = ("temperature", "top_p", "top_k", "repetition_penalty")
+    return {name: value for name in names if (value := getattr(generation_config, name, None)) is not None}

@@ -1,0 +1,66 @@
+"""What goes into the engine and what comes out of it, plus the thread-safe channel between the two."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass
+
+from .prompt import PromptInputs
+from .sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt: PromptInputs
+    sampling: SamplingParams
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    """One step's result: the new text (whole characters, possibly empty) and the running token count."""
+
+    text: str
+    completion_tokens: int
+    finish_reason: str | None = None  # "stop" | "length" once finished
+
+
+class EngineFailure(Exception):
+    """Generation of one request failed inside the engine; the engine itself keeps serving."""
+
+
+class RequestStream:
+    """Carries one request's outputs from the engine's worker thread to the event loop that awaits them.
+
+    The worker calls `put` (never blocks); the event loop awaits `next`. `cancel` — from a disconnect, a timeout or
+    the consumer going away — is seen by the worker between decode steps, which frees the sequence at once.
+    """
+
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop):
+        self.request = request
+        self._loop = loop
+        self._queue: asyncio.Queue[GenerationOutput | EngineFailure] = asyncio.Queue()
+        self._cancelled = threading.Event()
+
+    # --- the worker's side -------------------------------------------------------------------------------------
+    def put(self, item: GenerationOutput | EngineFailure) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the event loop has closed: nobody is listening any more
+            self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    # --- the event loop's side ---------------------------------------------------------------------------------
+    async def next(self, timeout: float | None = None) -> GenerationOutput:
+        """The next output; raises TimeoutError (nothing lost) if none arrives in time, EngineFailure on failure."""
+        item = await asyncio.wait_for(self._queue.get(), timeout)
+        if isinstance(item, EngineFailure):
+            raise item
+        return item
+
+    def cancel(self) -> None:
+        self._cancelled.set()

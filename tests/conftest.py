@@ -1,0 +1,139 @@
+"""Fixtures: the tiny checkpoint (built offline once per run) and real servers on real ports.
+
+Servers run uvicorn in a background thread of the test process, so a test can reach the engine for fault
+injection; `serve_cli` starts the real `shizhen serve` command in a subprocess.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from PIL import Image
+
+from shizhen.api.app import create_app
+from shizhen.config import Settings
+from shizhen.tiny_checkpoint import build_tiny_checkpoint
+
+TEST_LIMITS = dict(
+    max_context_length=4096,
+    max_tokens_limit=4000,
+    default_max_tokens=64,
+    image_min_pixels=28 * 28 * 4,
+    image_max_pixels=28 * 28 * 64,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen2.5-vl"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    url: str
+    app: object
+    settings: Settings
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30, **kwargs)
+
+    def openai(self, api_key: str = "unused") -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=30)
+
+    @property
+    def engine(self):
+        return self.app.state.engine
+
+    def wait_ready(self, timeout: float = 30) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            response = httpx.get(f"{self.url}/health", timeout=5)
+            if response.status_code == 200:
+                return response.json()
+            if response.json().get("status") == "failed":
+                raise RuntimeError(response.json())
+            time.sleep(0.02)
+        raise TimeoutError("server did not become ready")
+
+
+@pytest.fixture
+def start_server(tiny_checkpoint) -> Iterator:
+    """start_server(**settings) → a RunningServer on a free port; all are stopped at the test's end."""
+    servers: list[tuple[uvicorn.Server, threading.Thread]] = []
+
+    def start(wait: bool = True, **overrides) -> RunningServer:
+        values = dict(TEST_LIMITS, model=str(tiny_checkpoint), host="127.0.0.1", port=free_port()) | overrides
+        settings = Settings(**values)
+        app = create_app(settings)
+        server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        servers.append((server, thread))
+        deadline = time.monotonic() + 10
+        while not server.started:
+            if time.monotonic() > deadline or not thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        running = RunningServer(f"http://127.0.0.1:{settings.port}", app, settings)
+        if wait:
+            running.wait_ready()
+        return running
+
+    yield start
+    for server, thread in servers:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture
+def server(start_server) -> RunningServer:
+    return start_server()
+
+
+def serve_cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    """The real console entry point in a subprocess."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "shizhen.cli", "serve", *args],
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def image_data_url(image: Image.Image, fmt: str = "PNG") -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    mime = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp"}[fmt]
+    return f"data:{mime};base64,{base64.b64encode(buffer.getvalue()).decode()}"
+
+
+def tongue_photo(width: int = 160, height: int = 120) -> Image.Image:
+    """A stand-in tongue photo: a pink ellipse with a pale coating on a dark background."""
+    from PIL import ImageDraw
+
+    image = Image.new("RGB", (width, height), (40, 20, 20))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((width * 0.2, height * 0.1, width * 0.8, height * 0.95), fill=(205, 110, 120))
+    draw.ellipse((width * 0.35, height * 0.3, width * 0.65, height * 0.7), fill=(235, 225, 215))
+    return image
