@@ -51,8 +51,8 @@ def _assert_error(response, status: int, *, param: str | None = None, contains: 
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,not base64!!"}}]}]},
          "messages[0].content[0]", "base64"),
         ({"messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "https://example.com/tongue.jpg"}}]}]},
-         "messages[0].content[0]", "data: URLs"),
+            {"type": "image_url", "image_url": {"url": "ftp://files.example/tongue.jpg"}}]}]},
+         "messages[0].content[0]", "must be http(s) or a data: URL"),
     ],
 )
 def test_bad_requests_are_400_with_a_useful_message(server, body, param, contains):

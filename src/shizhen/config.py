@@ -84,7 +84,20 @@ class Settings(BaseSettings):
     image_min_pixels: int = Field(64 * 28 * 28, ge=28 * 28, description="Images are upscaled to at least this.")
     image_max_pixels: int = Field(768 * 28 * 28, ge=28 * 28, description="Images are downscaled to at most this.")
 
-    @field_validator("cors_allowed_origins", "api_keys", mode="before")
+    max_image_decoded_pixels: int = Field(
+        64_000_000, ge=28 * 28, description="Larger images are refused before decoding (decompression bombs)."
+    )
+    image_decode_threads: int = Field(4, ge=1, description="Threads that decode and resize images.")
+    image_fetch_enabled: bool = Field(True, description="Accept http(s) image URLs (fetched by the server).")
+    image_fetch_allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="If set, only these hosts (and subdomains) are fetched, and they may be private addresses.",
+    )
+    image_fetch_connect_timeout_seconds: float = Field(3.0, gt=0)
+    image_fetch_timeout_seconds: float = Field(10.0, gt=0, description="Whole fetch, redirects included.")
+    image_fetch_max_redirects: int = Field(3, ge=0)
+
+    @field_validator("cors_allowed_origins", "api_keys", "image_fetch_allowed_hosts", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         return _split_csv(value)

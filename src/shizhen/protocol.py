@@ -186,3 +186,30 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+# --- the tongue-analysis endpoint ------------------------------------------------------------------------------
+DEFAULT_TONGUE_QUESTION = "请从中医角度解读这张舌苔。"
+
+
+class VisionAnalyzeRequest(_Lenient):
+    """`/v1/vision/analyze` as JSON; multipart forms carry the same fields with `image` as a file."""
+
+    image: str = Field(min_length=1, description="base64 image bytes, a data: URL or an http(s) URL")
+    question: str | None = None
+    query: str | None = None  # the seed frontend's name for `question`
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    stream: bool = False
+
+    @property
+    def asked(self) -> str:
+        return (self.question or self.query or "").strip() or DEFAULT_TONGUE_QUESTION
+
+
+class VisionAnalysis(BaseModel):
+    analysis: str
+    question: str
+    model: str
+    finish_reason: Literal["stop", "length"] | None
+    usage: Usage

@@ -18,7 +18,7 @@ from .engine.prompt import ChatTurn, Part, PromptBuilder, PromptInputs
 from .engine.request import EngineFailure, GenerationRequest, RequestStream
 from .engine.sampling import SamplingParams
 from .errors import InternalError, InvalidRequest, ModelNotFound, ServiceUnavailable
-from .media import ImageLimits, decode_image_url
+from .media import ImageIntake
 from .protocol import (
     AssistantMessage,
     ChatCompletion,
@@ -50,7 +50,7 @@ class ChatService:
         self._settings = settings
         self._engine = engine
         self._prompt_builder: PromptBuilder | None = None
-        self._image_limits = ImageLimits(max_bytes=settings.max_image_bytes)
+        self.images = ImageIntake(settings)
 
     # --- admission -----------------------------------------------------------------------------------------------
     def check_model(self, requested: str | None) -> None:
@@ -70,11 +70,14 @@ class ChatService:
         if engine.state is EngineState.FAILED:
             raise ServiceUnavailable(f"the model failed to load: {engine.error}", retry_after=60)
 
-    async def prepare(self, body: ChatCompletionRequest) -> GenerationRequest:
-        """Validate and preprocess a request into an engine request; raises ServingError for anything refused."""
+    async def prepare(self, body: ChatCompletionRequest, image_param: str | None = None) -> GenerationRequest:
+        """Validate and preprocess a request into an engine request; raises ServingError for anything refused.
+
+        `image_param` names the field images came from in errors, for endpoints whose body is not `messages`.
+        """
         self.check_model(body.model)
         self.require_ready()
-        turns = await self._turns(body.messages)
+        turns = await self._turns(body.messages, image_param)
         prompt = await asyncio.to_thread(self._builder().build, turns)
         return GenerationRequest(completion_id(), prompt, self._sampling(body, prompt))
 
@@ -85,7 +88,7 @@ class ChatService:
             )
         return self._prompt_builder
 
-    async def _turns(self, messages: list[ChatMessage]) -> list[ChatTurn]:
+    async def _turns(self, messages: list[ChatMessage], image_param: str | None) -> list[ChatTurn]:
         image_count = sum(
             isinstance(part, ImagePart) for m in messages if isinstance(m.content, list) for part in m.content
         )
@@ -95,9 +98,9 @@ class ChatService:
                 param="messages",
                 code="too_many_images",
             )
-        return [await self._turn(i, message) for i, message in enumerate(messages)]
+        return [await self._turn(i, message, image_param) for i, message in enumerate(messages)]
 
-    async def _turn(self, index: int, message: ChatMessage) -> ChatTurn:
+    async def _turn(self, index: int, message: ChatMessage, image_param: str | None) -> ChatTurn:
         role = "system" if message.role == "developer" else message.role
         if message.content is None:
             if role != "assistant":
@@ -107,13 +110,13 @@ class ChatService:
             return ChatTurn(role, (message.content,))
         parts: list[Part] = []
         for j, part in enumerate(message.content):
-            param = f"messages[{index}].content[{j}]"
+            param = image_param or f"messages[{index}].content[{j}]"
             if not isinstance(part, ImagePart):
                 parts.append(part.text)
             elif role != "user":
                 raise InvalidRequest(f"images are only accepted in user messages, not {role}", param=param)
             else:
-                parts.append(await asyncio.to_thread(decode_image_url, part.image_url.url, self._image_limits, param))
+                parts.append(await self.images.load(part.image_url.url, param))
         return ChatTurn(role, tuple(parts))
 
     def _sampling(self, body: ChatCompletionRequest, prompt: PromptInputs) -> SamplingParams:

@@ -15,7 +15,7 @@ from ..config import Settings
 from ..engine.engine import Engine
 from ..engine.loader import load_model
 from ..serving import ChatService, is_random_test_model
-from . import chat, health, models
+from . import chat, health, models, vision
 from .auth import require_api_key
 from .body_limit import BodySizeLimit
 from .errors import install_error_handlers
@@ -37,6 +37,7 @@ def create_app(settings: Settings, model_source: str | None = None) -> FastAPI:
         engine.start()
         yield
         engine.stop()
+        await app.state.chat.images.aclose()
 
     app = FastAPI(title="ShizhenGPT API", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
@@ -65,6 +66,7 @@ def create_app(settings: Settings, model_source: str | None = None) -> FastAPI:
     api = APIRouter(dependencies=[Depends(require_api_key)])
     api.include_router(models.router)
     api.include_router(chat.router)
+    api.include_router(vision.router)
     app.include_router(api)
     return app
 

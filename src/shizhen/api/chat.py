@@ -22,10 +22,10 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         return StreamingResponse(
             chat.stream(prepared, body.include_usage_chunk), media_type="text/event-stream", headers=SSE_HEADERS
         )
-    return await _unless_disconnected(request, chat.complete(prepared))
+    return await unless_disconnected(request, chat.complete(prepared))
 
 
-async def _unless_disconnected(request: Request, work) -> ChatCompletion | None:
+async def unless_disconnected(request: Request, work) -> ChatCompletion | None:
     """Runs `work`, cancelling it (and so its engine request) if the client goes away first."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_disconnected(request))
