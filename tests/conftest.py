@@ -22,7 +22,9 @@ import httpx
 import openai
 import pytest
 import uvicorn
+import torch
 from PIL import Image
+from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
 from shizhen.api.app import create_app
 from shizhen.config import Settings
@@ -31,6 +33,7 @@ from shizhen.tiny_checkpoint import build_tiny_checkpoint
 TEST_LIMITS = dict(
     max_context_length=4096,
     max_tokens_limit=4000,
+    max_num_seqs=8,
     default_max_tokens=64,
     image_min_pixels=28 * 28 * 4,
     image_max_pixels=28 * 28 * 64,
@@ -137,3 +140,16 @@ def tongue_photo(width: int = 160, height: int = 120) -> Image.Image:
     draw.ellipse((width * 0.2, height * 0.1, width * 0.8, height * 0.95), fill=(205, 110, 120))
     draw.ellipse((width * 0.35, height * 0.3, width * 0.65, height * 0.7), fill=(235, 225, 215))
     return image
+
+
+def generate_greedy(checkpoint, messages, images, max_new_tokens) -> tuple[str, int]:
+    """The reference: plain `generate` on the request alone, with the server's test pixel bounds."""
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint)
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    kwargs = {"min_pixels": TEST_LIMITS["image_min_pixels"], "max_pixels": TEST_LIMITS["image_max_pixels"]}
+    inputs = processor(text=[text], images=images or None, return_tensors="pt", **(kwargs if images else {}))
+    with torch.inference_mode():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    new_tokens = output[0, inputs["input_ids"].shape[1] :]
+    return processor.tokenizer.decode(new_tokens, skip_special_tokens=True), len(new_tokens)

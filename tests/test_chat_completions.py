@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import torch
-from conftest import image_data_url, tongue_photo
-from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+from conftest import generate_greedy, image_data_url, tongue_photo
+from transformers import AutoProcessor
 
 
 def test_text_completion_has_openai_shape_and_real_usage(server):
@@ -30,18 +29,6 @@ def test_text_completion_has_openai_shape_and_real_usage(server):
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + 12
 
 
-def _generate_greedy(checkpoint, messages, images, max_new_tokens):
-    processor = AutoProcessor.from_pretrained(checkpoint)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint)
-    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    kwargs = {"min_pixels": 28 * 28 * 4, "max_pixels": 28 * 28 * 64} if images else {}
-    inputs = processor(text=[text], images=images or None, return_tensors="pt", **kwargs)
-    with torch.inference_mode():
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    new_tokens = output[0, inputs["input_ids"].shape[1] :]
-    return processor.tokenizer.decode(new_tokens, skip_special_tokens=True), len(new_tokens)
-
-
 def test_greedy_output_equals_model_generate(server):
     question = "请从中医角度解读这张舌苔。"
     photo = tongue_photo()
@@ -55,7 +42,7 @@ def test_greedy_output_equals_model_generate(server):
             temperature=0,
         )
         template_content = content if isinstance(content, str) else [{"type": "image"}, {"type": "text", "text": question}]
-        expected, count = _generate_greedy(
+        expected, count = generate_greedy(
             server.settings.model, [{"role": "user", "content": template_content}], images, 40
         )
         assert reply.choices[0].message.content == expected

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoTokenizer
 
 from shizhen.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from shizhen.engine.sampling import SamplingParams, TokenSampler
+from shizhen.engine.sampling import BatchSampler, SamplingParams
 
 
 def test_detokenizer_never_splits_a_character(tiny_checkpoint):
@@ -31,29 +31,38 @@ def test_stop_matcher_holds_back_only_possible_prefixes():
     assert other.flush() == "EN"
 
 
-def _sampler(**params) -> TokenSampler:
-    return TokenSampler(SamplingParams(max_new_tokens=8, **params), torch.tensor([0, 1]), vocab_size=6)
+def _sample(steps: int = 1, logits=None, **params) -> list[int]:
+    sampler = BatchSampler(slots=2, vocab_size=6, device=torch.device("cpu"))
+    sampler.admit(1, SamplingParams(max_new_tokens=8, **params), torch.tensor([0, 1]))
+    logits = logits if logits is not None else torch.tensor([5.0, 4.0, 3.0, 0.0, 0.0, 0.0])
+    return [int(sampler.sample(logits[None], [1])[0]) for _ in range(steps)]
 
 
 def test_greedy_and_penalties():
-    logits = torch.tensor([5.0, 4.0, 3.0, 0.0, 0.0, 0.0])
-    assert int(_sampler(temperature=0).sample(logits)) == 0
+    assert _sample(temperature=0) == [0]
     # repetition penalty covers prompt tokens (0, 1): 5/3 and 4/3 drop below 3
-    assert int(_sampler(temperature=0, repetition_penalty=3.0).sample(logits)) == 2
-    sampler = _sampler(temperature=0, frequency_penalty=2.0)
-    assert [int(sampler.sample(logits)) for _ in range(3)] == [0, 1, 0]
+    assert _sample(temperature=0, repetition_penalty=3.0) == [2]
+    assert _sample(4, temperature=0, frequency_penalty=2.0) == [0, 1, 0, 2]  # grows with each repeat
+    assert _sample(4, temperature=0, presence_penalty=1.5) == [0, 1, 0, 0]  # once per token seen
 
 
 def test_top_k_top_p_and_seed():
     logits = torch.tensor([2.0, 1.9, 1.8, -5.0, -5.0, -5.0])
-    top_one = _sampler(temperature=1.0, top_k=1, seed=1)
-    assert {int(top_one.sample(logits)) for _ in range(20)} == {0}
-    nucleus = _sampler(temperature=1.0, top_p=0.5, seed=2)
-    assert {int(nucleus.sample(logits)) for _ in range(50)} <= {0, 1}
+    assert set(_sample(20, logits, temperature=1.0, top_k=1, seed=1)) == {0}
+    assert set(_sample(50, logits, temperature=1.0, top_p=0.5, seed=2)) <= {0, 1}
+    assert len(set(_sample(50, logits, temperature=1.0, seed=2))) == 3
+    assert _sample(30, logits, temperature=1.0, seed=7) == _sample(30, logits, temperature=1.0, seed=7)
+    assert _sample(30, logits, temperature=1.0, seed=7) != _sample(30, logits, temperature=1.0, seed=8)
 
-    def draws(seed):
-        sampler = _sampler(temperature=1.0, seed=seed)
-        return [int(sampler.sample(logits)) for _ in range(30)]
 
-    assert draws(7) == draws(7)
-    assert draws(7) != draws(8)
+def test_rows_sample_independently_of_their_neighbours():
+    """A seeded request draws the same tokens alone or beside other requests in the batch."""
+    logits = torch.tensor([[1.0, 1.1, 0.9, 1.0, 1.2, 0.8]])
+    alone = BatchSampler(slots=4, vocab_size=6, device=torch.device("cpu"))
+    alone.admit(2, SamplingParams(max_new_tokens=8, seed=11), torch.tensor([0]))
+    crowded = BatchSampler(slots=4, vocab_size=6, device=torch.device("cpu"))
+    for slot in range(4):
+        crowded.admit(slot, SamplingParams(max_new_tokens=8, seed=11 if slot == 2 else slot, top_p=0.9), torch.tensor([0]))
+    solo = [int(alone.sample(logits, [2])[0]) for _ in range(10)]
+    together = [int(crowded.sample(logits.repeat(4, 1), [0, 1, 2, 3])[2]) for _ in range(10)]
+    assert solo == together

@@ -56,6 +56,16 @@ class Settings(BaseSettings):
         description="Model cache (HF_HOME); /workspace/models on a RunPod pod.",
     )
 
+    # --- the engine ---------------------------------------------------------------------------------------------
+    max_num_seqs: int = Field(64, ge=1, description="Sequences decoded together at most (fewer if memory is short).")
+    gpu_memory_utilization: float = Field(
+        0.92, gt=0.1, le=0.99, description="Share of GPU memory for weights, activations and the KV cache."
+    )
+    enforce_eager: bool = Field(False, description="No CUDA graphs (slow; for debugging).")
+    prefill_token_budget: int = Field(
+        8192, ge=16, description="Prompt tokens prefilled between two decode steps (at least one prompt)."
+    )
+
     # --- HTTP ---------------------------------------------------------------------------------------------------
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=1, le=65535)

@@ -92,8 +92,12 @@ TINY_VISION_SIZES = dict(
 )
 
 
-def build_tokenizer() -> Qwen2Tokenizer:
-    """A byte-level BPE trained on a few KB of TCM text, with Qwen's special tokens appended in Qwen's order."""
+def build_tokenizer(pad_vocab_to: int | None = None) -> Qwen2Tokenizer:
+    """A byte-level BPE trained on a few KB of TCM text, with Qwen's special tokens appended in Qwen's order.
+
+    `pad_vocab_to=151643` pads the vocabulary with filler tokens so the special tokens land on Qwen's real ids
+    (151643, ...): what the benchmarks need to drive a real-size model.
+    """
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(
@@ -102,7 +106,9 @@ def build_tokenizer() -> Qwen2Tokenizer:
     bpe.train_from_iterator([_TRAINING_TEXT] * 4, trainer=trainer)
     model_state = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model_state["merges"]]
-    tokenizer = Qwen2Tokenizer(vocab=model_state["vocab"], merges=merges, errors="replace")
+    vocab = model_state["vocab"]
+    vocab |= {f"Ġfiller{i}": i for i in range(len(vocab), pad_vocab_to or 0)}
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, errors="replace")
     tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS[1:])})
     tokenizer.add_tokens(list(QWEN_SPECIAL_TOKENS), special_tokens=True)
     tokenizer.eos_token = "<|im_end|>"

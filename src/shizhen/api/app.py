@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from ..config import Settings
-from ..engine.engine import Engine
+from ..engine.engine import Engine, EngineConfig
 from ..engine.loader import load_model
 from ..serving import ChatService, is_random_test_model
 from . import chat, health, models, vision
@@ -29,7 +29,7 @@ def create_app(settings: Settings, model_source: str | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        engine = Engine(partial(load_model_from_settings, source, settings))
+        engine = Engine(partial(load_model_from_settings, source, settings), engine_config(settings))
         app.state.engine = engine
         app.state.chat = ChatService(settings, engine)
         if is_random_test_model(source):
@@ -69,6 +69,16 @@ def create_app(settings: Settings, model_source: str | None = None) -> FastAPI:
     api.include_router(vision.router)
     app.include_router(api)
     return app
+
+
+def engine_config(settings: Settings) -> EngineConfig:
+    return EngineConfig(
+        max_len=settings.max_context_length,
+        max_num_seqs=settings.max_num_seqs,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        enforce_eager=settings.enforce_eager,
+        prefill_token_budget=settings.prefill_token_budget,
+    )
 
 
 def load_model_from_settings(source: str, settings: Settings, report_phase):

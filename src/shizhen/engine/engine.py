@@ -1,7 +1,8 @@
-"""The engine: owns the model on one worker thread and serves queued requests in arrival order.
+"""The engine: owns the model on one worker thread and runs every request in one continuously batched loop.
 
-The event loop only enqueues and awaits `RequestStream`s; it never touches the GPU, so `/health` and new requests
-are answered while a long generation runs. Loading happens on the same thread at start, in the background.
+Each step is: take new requests → drop cancelled ones → prefill admissions (each joins the running batch) →
+one decode step for the whole batch. The event loop only enqueues and awaits `RequestStream`s; it never touches
+the GPU. Loading, memory planning and graph capture happen on the same thread at start, in the background.
 """
 
 from __future__ import annotations
@@ -13,12 +14,18 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
+from .detokenizer import IncrementalDetokenizer, StopStringMatcher
 from .loader import LoadedModel
+from .memory import plan_slots
+from .model_runner import DecodeRow, ModelRunner
 from .request import EngineFailure, GenerationRequest, RequestStream
-from .runner import SequenceRunner
+from .sampling import BatchSampler
+from .scheduler import Scheduler
+from .sequence import Sequence
 
 log = logging.getLogger(__name__)
 
@@ -29,94 +36,187 @@ class EngineState(enum.Enum):
     FAILED = "failed"
 
 
+@dataclass(frozen=True)
+class EngineConfig:
+    max_len: int  # prompt + completion tokens per sequence (the context length)
+    max_num_seqs: int = 64
+    gpu_memory_utilization: float = 0.92
+    enforce_eager: bool = False  # no CUDA graphs: slower, but debuggable
+    prefill_token_budget: int = 8192  # prompt tokens prefilled between two decode steps (at least one prompt)
+
+
 class Engine:
-    def __init__(self, load: Callable[[Callable[[str], None]], LoadedModel]):
+    def __init__(self, load: Callable[[Callable[[str], None]], LoadedModel], config: EngineConfig):
         """`load(report_phase)` builds the model; it may call `report_phase("...")` to say what it is doing."""
         self._load = load
-        self._pending: queue.Queue[RequestStream | None] = queue.Queue()
+        self.config = config
+        self._incoming: queue.Queue[RequestStream | None] = queue.Queue()
         self._thread = threading.Thread(target=self._work, name="shizhen-engine", daemon=True)
+        self._stopping = False
         self.state = EngineState.LOADING
         self.phase = "starting"
         self.error: str | None = None
         self.loaded: LoadedModel | None = None
         self.load_seconds: float | None = None
-        self._running: RequestStream | None = None
+        self.slots = 0
         self.tokens_generated = 0  # since start, all requests
+        self._scheduler: Scheduler | None = None
+        self._runner: ModelRunner | None = None
+        self._sampler: BatchSampler | None = None
 
+    # --- the event loop's side -----------------------------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Cancels the running request and ends the worker after it; queued requests are dropped."""
-        if self._running is not None:
-            self._running.cancel()
-        self._pending.put(None)
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ends the worker after its current step; every request still queued or running gets an error."""
+        self._stopping = True
+        self._incoming.put(None)
         self._thread.join(timeout)
-        while not self._pending.empty():
-            if (stream := self._pending.get_nowait()) is not None:
-                stream.put(EngineFailure("the server is shutting down"))
 
     def submit(self, request: GenerationRequest) -> RequestStream:
         """Queue a request (call from the event loop); outputs arrive on the returned stream."""
         if self.state is not EngineState.READY:
             raise RuntimeError("engine is not ready")
+        needed = request.prompt.num_tokens + request.sampling.max_new_tokens
+        if needed > self.config.max_len:
+            raise ValueError(f"{needed} tokens do not fit the engine's {self.config.max_len}-token sequences")
         stream = RequestStream(request, asyncio.get_running_loop())
-        self._pending.put(stream)
+        self._incoming.put(stream)
         return stream
 
     @property
     def running(self) -> int:
-        return int(self._running is not None)
+        return len(self._scheduler.running) if self._scheduler else 0
 
     @property
     def waiting(self) -> int:
-        return self._pending.qsize()
+        return (len(self._scheduler.waiting) if self._scheduler else 0) + self._incoming.qsize()
 
+    # --- the worker's side ---------------------------------------------------------------------------------------
     def _work(self) -> None:
-        if not self._load_model():
+        if not self._start_up():
             return
-        runner = SequenceRunner(self.loaded)
-        while (stream := self._pending.get()) is not None:
-            if stream.cancelled:
-                continue
-            self._running = stream
-            try:
-                finished = False
-                for output in runner.run(stream.request, lambda: stream.cancelled):
-                    stream.put(output)
-                    self.tokens_generated += 1
-                    finished = output.finish_reason is not None
-                if not finished:  # whoever still listens must not wait forever
-                    stream.put(EngineFailure("the request was cancelled"))
-            except Exception as exc:  # one request failing must not take the engine down
-                log.exception("generation failed for request %s", stream.request.request_id)
-                _release_device_memory()
-                stream.put(EngineFailure(f"{type(exc).__name__}: {exc}"))
-            finally:
-                self._running = None
+        while not self._stopping:
+            if not self._take_incoming(block=not self._scheduler.has_work):
+                break
+            self._step()
+        self._fail_everything("the server is shutting down")
 
-    def _load_model(self) -> bool:
+    def _start_up(self) -> bool:
         started = time.perf_counter()
-        self.phase = "loading model"
         try:
             self.loaded = self._load(self._report_phase)
+            self._report_phase("planning GPU memory for the KV cache")
+            config = self.config
+            self.slots = plan_slots(self.loaded, config.max_len, config.max_num_seqs, config.gpu_memory_utilization)
+            use_graphs = self.loaded.device.type == "cuda" and not config.enforce_eager
+            self._report_phase("capturing CUDA graphs" if use_graphs else "allocating the KV cache")
+            self._runner = ModelRunner(self.loaded, self.slots, config.max_len, use_graphs)
         except Exception as exc:
-            log.exception("model loading failed")
+            log.exception("start-up failed")
             self.error = f"{type(exc).__name__}: {exc}"
             self.state = EngineState.FAILED
             return False
+        self._sampler = BatchSampler(self.slots, self.loaded.vocab_size, self.loaded.device)
+        self._scheduler = Scheduler(self.slots, self.config.prefill_token_budget)
         self.load_seconds = time.perf_counter() - started
         self.phase = "ready"
         self.state = EngineState.READY
-        log.info("model ready in %.1f s on %s (%s)", self.load_seconds, self.loaded.device, self.loaded.dtype)
+        log.info("engine ready in %.1f s on %s (%s): %d sequences of up to %d tokens, CUDA graphs %s",
+                 self.load_seconds, self.loaded.device, str(self.loaded.dtype).removeprefix("torch."), self.slots,
+                 self.config.max_len, "on" if use_graphs else "off")
         return True
 
+    def _take_incoming(self, block: bool) -> bool:
+        """Move newly submitted requests to the scheduler; False once `stop` was called."""
+        try:
+            item = self._incoming.get(block=block)
+            while True:
+                if item is None:
+                    return False
+                self._scheduler.add(item)
+                item = self._incoming.get_nowait()
+        except queue.Empty:
+            return True
+
+    def _step(self) -> None:
+        scheduler = self._scheduler
+        for sequence in scheduler.cancelled():
+            self._end(sequence, EngineFailure("the request was cancelled"))
+        for stream, slot in scheduler.admissions():
+            try:
+                self._prefill(stream, slot)
+            except Exception as exc:  # one bad prompt must not take the others down
+                self._recover(exc, f"prefill of {stream.request.request_id}")
+                stream.put(EngineFailure(f"{type(exc).__name__}: {exc}"))
+                scheduler.release(slot)
+        if scheduler.running:
+            try:
+                self._decode()
+            except Exception as exc:
+                self._recover(exc, "a decode step")
+                for sequence in list(scheduler.running.values()):
+                    self._end(sequence, EngineFailure(f"{type(exc).__name__}: {exc}"))
+
+    def _prefill(self, stream: RequestStream, slot: int) -> None:
+        request = stream.request
+        logits, rope_delta = self._runner.prefill(slot, request.prompt)
+        self._sampler.admit(slot, request.sampling, request.prompt.input_ids[0])
+        token = int(self._sampler.sample(logits[None], [slot])[0])
+        sequence = Sequence(
+            stream=stream,
+            slot=slot,
+            rope_delta=rope_delta,
+            detokenizer=IncrementalDetokenizer(self.loaded.processor.tokenizer),
+            stopper=StopStringMatcher(request.sampling.stop),
+            stop_token_ids=frozenset() if request.sampling.ignore_eos else self.loaded.stop_token_ids,
+        )
+        self._scheduler.start(sequence)
+        self._emit(sequence, token)
+
+    def _decode(self) -> None:
+        batch = self._scheduler.decode_batch()
+        rows = [DecodeRow(s.slot, s.last_token, s.next_position, s.cache_len) for s in batch]
+        logits = self._runner.decode(rows)
+        tokens = self._sampler.sample(logits, [s.slot for s in batch]).tolist()  # the step's one host sync
+        for sequence, token in zip(batch, tokens, strict=True):
+            self._emit(sequence, token)
+
+    def _emit(self, sequence: Sequence, token: int) -> None:
+        output = sequence.accept(token)
+        self.tokens_generated += 1
+        sequence.stream.put(output)
+        if sequence.finished:
+            self._release(sequence.slot)
+
+    def _end(self, sequence: Sequence, failure: EngineFailure) -> None:
+        sequence.stream.put(failure)
+        self._release(sequence.slot)
+
+    def _release(self, slot: int) -> None:
+        self._sampler.release(slot)
+        self._scheduler.release(slot)
+
+    def _recover(self, exc: Exception, what: str) -> None:
+        """After a failed step (CUDA out of memory included): give cached blocks back so the next step can run."""
+        log.exception("%s failed", what)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _fail_everything(self, reason: str) -> None:
+        for sequence in list(self._scheduler.running.values()):
+            self._end(sequence, EngineFailure(reason))
+        waiting = list(self._scheduler.waiting)
+        while True:
+            try:
+                waiting.append(self._incoming.get_nowait())
+            except queue.Empty:
+                break
+        for stream in waiting:
+            if stream is not None:
+                stream.put(EngineFailure(reason))
 
     def _report_phase(self, phase: str) -> None:
         log.info("%s", phase)
         self.phase = phase
-
-
-def _release_device_memory() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

@@ -1,9 +1,14 @@
-"""Per-request sampling parameters and the token sampler that applies them to one row of logits."""
+"""Per-request sampling parameters, and the sampler that applies them to a whole decode batch at once.
+
+Every per-request setting lives in a per-slot tensor, so one step samples every row with a handful of kernels and
+no host round trip. Randomness is a counter-based hash of (seed, step, token id): the same seed and input give
+the same output whatever else is in the batch, with no generator objects to keep per request.
+"""
 
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -25,63 +30,96 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def truncates(self) -> bool:
+        return self.top_p < 1.0 or self.top_k > 0
 
-@dataclass
-class TokenSampler:
-    """Turns logits into the next token for one sequence, following OpenAI's and transformers' semantics.
 
-    repetition_penalty (transformers) covers prompt and output tokens; presence/frequency penalties (OpenAI) cover
-    output tokens only. A request's seed drives its own generator, so the same seed and input give the same output
-    whatever else the server is doing.
-    """
+# splitmix64 constants as signed 64-bit integers (torch has no unsigned 64-bit arithmetic)
+_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15
+_MIX1 = -4658895280553007687  # 0xBF58476D1CE4E5B9
+_MIX2 = -7723592293110705685  # 0x94D049BB133111EB
 
-    params: SamplingParams
-    prompt_ids: torch.Tensor  # (prompt_len,) on the model's device
-    vocab_size: int
-    _output_counts: torch.Tensor = field(init=False)
-    _seen: torch.Tensor = field(init=False)
-    _generator: torch.Generator | None = field(init=False, default=None)
 
-    def __post_init__(self) -> None:
-        device = self.prompt_ids.device
-        self._output_counts = torch.zeros(self.vocab_size, dtype=torch.float32, device=device)
-        self._seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=device)
-        self._seen[self.prompt_ids] = True
-        if not self.params.greedy:
-            seed = self.params.seed if self.params.seed is not None else secrets.randbits(63)
-            self._generator = torch.Generator(device=device).manual_seed(seed)
+def _uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
+    """U(0, 1) for every (row, token), a pure function of (seed, step, token id)."""
+    token_ids = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
+    x = seeds[:, None] * _GOLDEN + steps[:, None] * _MIX1 + token_ids[None, :] * _MIX2
+    x = (x ^ (x >> 31)) * _MIX1
+    x = (x ^ (x >> 29)) * _MIX2
+    x = x ^ (x >> 32)
+    return ((x & 0xFFFFFF).float() + 0.5) / float(1 << 24)
 
-    def sample(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits: (vocab,) → a 0-dim token tensor (still on the device)."""
-        logits = self._penalised(logits[: self.vocab_size].float())
-        if self.params.greedy:
-            token = torch.argmax(logits)
-        else:
-            probs = torch.softmax(self._truncated(logits / self.params.temperature), dim=-1)
-            token = torch.multinomial(probs, 1, generator=self._generator)[0]
-        self._output_counts[token] += 1
-        self._seen[token] = True
-        return token
 
-    def _penalised(self, logits: torch.Tensor) -> torch.Tensor:
-        p = self.params
-        if p.repetition_penalty != 1.0:
-            penalised = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
-            logits = torch.where(self._seen, penalised, logits)
-        if p.frequency_penalty or p.presence_penalty:
-            logits = logits - p.frequency_penalty * self._output_counts
-            logits = logits - p.presence_penalty * (self._output_counts > 0).float()
-        return logits
+class BatchSampler:
+    """Sampling state for every slot: parameters, output-token counts for the penalties, and the seen mask that
+    repetition_penalty (transformers' semantics) applies to prompt and output tokens alike."""
 
-    def _truncated(self, logits: torch.Tensor) -> torch.Tensor:
-        p = self.params
-        if p.top_k > 0 and p.top_k < logits.numel():
-            kth_best = torch.topk(logits, p.top_k).values[-1]
-            logits = logits.masked_fill(logits < kth_best, float("-inf"))
-        if p.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, descending=True)
-            sorted_probs = torch.softmax(sorted_logits, dim=-1)
-            drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= p.top_p  # always keeps the best token
-            drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
-            logits = logits.masked_fill(drop, float("-inf"))
-        return logits
+    def __init__(self, slots: int, vocab_size: int, device: torch.device):
+        self.vocab_size = vocab_size
+        self._device = device
+        zeros = lambda dtype: torch.zeros(slots, dtype=dtype, device=device)  # noqa: E731
+        self._temperature, self._top_p = zeros(torch.float32), zeros(torch.float32)
+        self._top_k, self._seed, self._step = zeros(torch.int64), zeros(torch.int64), zeros(torch.int64)
+        self._repetition, self._presence, self._frequency = zeros(torch.float32), zeros(torch.float32), zeros(
+            torch.float32)
+        self._counts = torch.zeros(slots, vocab_size, dtype=torch.float32, device=device)
+        self._seen = torch.zeros(slots, vocab_size, dtype=torch.bool, device=device)
+        self._params: dict[int, SamplingParams] = {}
+
+    def admit(self, slot: int, params: SamplingParams, prompt_ids: torch.Tensor) -> None:
+        self._params[slot] = params
+        self._temperature[slot] = params.temperature
+        self._top_p[slot] = params.top_p
+        self._top_k[slot] = params.top_k if params.top_k > 0 else self.vocab_size
+        self._seed[slot] = params.seed if params.seed is not None else secrets.randbits(62)
+        self._step[slot] = 0
+        self._repetition[slot] = params.repetition_penalty
+        self._presence[slot] = params.presence_penalty
+        self._frequency[slot] = params.frequency_penalty
+        self._counts[slot].zero_()
+        self._seen[slot].zero_()
+        self._seen[slot, prompt_ids.to(self._device)] = True
+
+    def release(self, slot: int) -> None:
+        self._params.pop(slot, None)
+
+    def sample(self, logits: torch.Tensor, slots: list[int]) -> torch.Tensor:
+        """logits [rows, ≥vocab] for `slots` (in that order) → next token per row, on the device."""
+        rows = torch.tensor(slots, device=self._device)
+        params = [self._params[slot] for slot in slots]
+        logits = logits[:, : self.vocab_size].float()
+        if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params):
+            logits = self._penalised(logits, rows)
+        tokens = torch.argmax(logits, dim=-1)
+        if not all(p.greedy for p in params):
+            temperature = self._temperature[rows].clamp_min(1e-5)[:, None]
+            scaled = logits / temperature
+            if any(p.truncates for p in params):
+                scaled = self._truncated(scaled, rows)
+            noise = _uniform_noise(self._seed[rows], self._step[rows], self.vocab_size)
+            sampled = torch.argmax(scaled - torch.log(-torch.log(noise)), dim=-1)  # Gumbel-max: a draw from softmax
+            tokens = torch.where(self._temperature[rows] == 0, tokens, sampled)
+        self._counts.index_put_((rows, tokens), torch.ones_like(tokens, dtype=torch.float32), accumulate=True)
+        self._seen[rows, tokens] = True
+        self._step[rows] += 1
+        return tokens
+
+    def _penalised(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        repetition = self._repetition[rows][:, None]
+        penalised = torch.where(logits > 0, logits / repetition, logits * repetition)
+        logits = torch.where(self._seen[rows], penalised, logits)
+        counts = self._counts[rows]
+        return logits - self._frequency[rows][:, None] * counts - self._presence[rows][:, None] * (counts > 0).float()
+
+    def _truncated(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Top-k then top-p (nucleus), per row; the best token always survives."""
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        rank = torch.arange(logits.shape[-1], device=logits.device)[None, :]
+        drop = rank >= self._top_k[rows][:, None]
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop |= (probs.cumsum(dim=-1) - probs) >= self._top_p[rows][:, None]
+        drop[:, 0] = False
+        mask = torch.zeros_like(drop).scatter(1, order, drop)
+        return logits.masked_fill(mask, float("-inf"))

@@ -1,0 +1,271 @@
+"""Engine speed on the real ShizhenGPT-32B-VL configuration with random bf16 weights, against plain `generate`.
+
+Run on a GPU (the `device` tool); prints JSON lines, `--json PATH` also writes them:
+  - baseline: `generate` (dynamic cache), one stream and a static batch, 200-token prompts, 256 new tokens;
+  - engine: one stream (tok/s and GB/s of weights read), a 448x448 image + 200 text tokens (time to first token),
+    8/32/64 concurrent requests arriving over one second (aggregate tok/s, p50/p95 TTFT and inter-token latency),
+    start-up time (memory planning + CUDA graph capture), KV capacity and peak GPU memory.
+`--check` instead compares greedy outputs of staggered, batched text and image requests with `generate` alone on a
+model of the real widths and `--layers` layers. `--tiny` runs either mode on a tiny config (CPU smoke test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import (
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2VLImageProcessor,
+    Qwen2VLVideoProcessor,
+)
+
+from shizhen.config import Settings
+from shizhen.engine.engine import Engine, EngineConfig, EngineState
+from shizhen.engine.loader import LoadedModel
+from shizhen.engine.prompt import ChatTurn, PromptBuilder, PromptInputs
+from shizhen.engine.request import GenerationRequest
+from shizhen.engine.sampling import SamplingParams
+from shizhen.tiny_checkpoint import QWEN_VL_CHAT_TEMPLATE, TINY_TEXT_SIZES, TINY_VISION_SIZES, build_tokenizer
+
+QWEN_IDS = {"bos": 151643, "eos": 151645, "vision_start": 151652, "vision_end": 151653, "image": 151655,
+            "video": 151656}
+TEXT_32B = dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
+                num_key_value_heads=8, max_position_embeddings=128000, rms_norm_eps=1e-6, vocab_size=152064,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]})
+VISION_32B = dict(depth=32, hidden_size=1280, intermediate_size=3456, num_heads=16, out_hidden_size=5120,
+                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                  fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2)
+PROMPT_TOKENS, NEW_TOKENS = 200, 256
+
+
+def emit(rows: list[dict], row: dict) -> None:
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def build(args) -> tuple[LoadedModel, int]:
+    """Random-weight model of the chosen configuration, and its processor (a padded tokenizer with Qwen's ids)."""
+    if args.tiny:
+        text, vision = dict(TINY_TEXT_SIZES, vocab_size=152064), TINY_VISION_SIZES
+    else:
+        text, vision = dict(TEXT_32B), VISION_32B
+    if args.layers:
+        text["num_hidden_layers"] = args.layers
+    text |= {"bos_token_id": QWEN_IDS["bos"], "eos_token_id": QWEN_IDS["eos"], "pad_token_id": QWEN_IDS["bos"]}
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=QWEN_IDS["image"],
+                              video_token_id=QWEN_IDS["video"], vision_start_token_id=QWEN_IDS["vision_start"],
+                              vision_end_token_id=QWEN_IDS["vision_end"], tie_word_embeddings=False)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
+    model.eval()
+    defaults = Settings()
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(min_pixels=defaults.image_min_pixels,
+                                              max_pixels=defaults.image_max_pixels),
+        tokenizer=build_tokenizer(pad_vocab_to=QWEN_IDS["bos"]), video_processor=Qwen2VLVideoProcessor(),
+        chat_template=QWEN_VL_CHAT_TEMPLATE)
+    print(f"# built {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters on {device} in "
+          f"{time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+    text_bytes = sum(p.numel() * p.element_size() for p in model.model.language_model.parameters())
+    text_bytes += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    loaded = LoadedModel(model, processor, dtype, frozenset({QWEN_IDS["eos"], QWEN_IDS["bos"]}), {})
+    return loaded, text_bytes
+
+
+def text_prompt(length: int, seed: int) -> PromptInputs:
+    """A chat-shaped prompt of exactly `length` tokens with random content tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    body = torch.randint(0, 150000, (length - 5,), generator=generator)
+    head = torch.tensor([151644, 872, 198])  # <|im_start|>user\n
+    tail = torch.tensor([151645, 151644])  # <|im_end|><|im_start|>
+    return PromptInputs(input_ids=torch.cat([head, body, tail])[None])
+
+
+def image_prompt(loaded: LoadedModel) -> PromptInputs:
+    photo = Image.effect_noise((448, 448), 50).convert("RGB")
+    builder = PromptBuilder(loaded.processor, Settings().image_min_pixels, Settings().image_max_pixels)
+    text = "请从中医角度解读这张舌苔。" * 40
+    prompt = builder.build([ChatTurn("user", (photo, text))])
+    return prompt
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+@torch.inference_mode()
+def baseline_generate(loaded: LoadedModel, batch: int, rows: list[dict]) -> None:
+    prompts = torch.cat([text_prompt(PROMPT_TOKENS, seed).input_ids for seed in range(batch)]).to(loaded.device)
+    kwargs = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    loaded.model.generate(prompts, **(kwargs | {"max_new_tokens": 16, "min_new_tokens": 16}))  # warm-up
+    sync()
+    started = time.perf_counter()
+    loaded.model.generate(prompts, **kwargs)
+    sync()
+    elapsed = time.perf_counter() - started
+    emit(rows, {"bench": "generate_baseline", "batch": batch, "prompt_tokens": PROMPT_TOKENS,
+                "new_tokens": NEW_TOKENS, "seconds": round(elapsed, 2),
+                "tok_per_s": round(batch * NEW_TOKENS / elapsed, 1)})
+
+
+async def run_requests(engine: Engine, prompts: list[PromptInputs], max_tokens: list[int],
+                       arrivals: list[float]) -> list[tuple[float, list[float], str]]:
+    """Submit each prompt at its arrival time; returns (submit time, output arrival times, text) per request."""
+    async def one(index: int) -> tuple[float, list[float], str]:
+        await asyncio.sleep(arrivals[index])
+        params = SamplingParams(max_new_tokens=max_tokens[index], temperature=0, ignore_eos=True)
+        submitted = time.perf_counter()
+        stream = engine.submit(GenerationRequest(f"bench-{index}", prompts[index], params))
+        times, texts = [], []
+        while True:
+            output = await stream.next()
+            times.append(time.perf_counter())
+            texts.append(output.text)
+            if output.finish_reason:
+                return submitted, times, "".join(texts)
+
+    return await asyncio.gather(*(one(i) for i in range(len(prompts))))
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(share * (len(ordered) - 1))))]
+
+
+def start_engine(loaded: LoadedModel, args) -> Engine:
+    engine = Engine(lambda report_phase: loaded, EngineConfig(
+        max_len=args.max_len, max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization,
+        enforce_eager=args.eager))
+    engine.start()
+    while engine.state is EngineState.LOADING:
+        time.sleep(0.05)
+    if engine.state is EngineState.FAILED:
+        raise RuntimeError(engine.error)
+    return engine
+
+
+async def engine_benchmarks(engine: Engine, loaded: LoadedModel, text_bytes: int, rows: list[dict], args) -> None:
+    await run_requests(engine, [text_prompt(PROMPT_TOKENS, 99)] * 2, [32, 32], [0, 0])  # warm-up
+    [(submitted, times, _)] = await run_requests(engine, [text_prompt(PROMPT_TOKENS, 1)], [NEW_TOKENS], [0])
+    decode_rate = (len(times) - 1) / (times[-1] - times[0])
+    emit(rows, {"bench": "engine_single_stream", "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS,
+                "ttft_ms": round((times[0] - submitted) * 1e3, 1), "decode_tok_per_s": round(decode_rate, 1),
+                "end_to_end_tok_per_s": round(len(times) / (times[-1] - submitted), 1),
+                "weights_gb_per_s": round(decode_rate * text_bytes / 1e9, 1)})
+
+    image = image_prompt(loaded)
+    await run_requests(engine, [image], [1], [0])  # warm-up of the vision tower
+    ttfts = []
+    for _ in range(3):
+        [(submitted, times, _)] = await run_requests(engine, [image], [1], [0])
+        ttfts.append(times[0] - submitted)
+    emit(rows, {"bench": "engine_image_ttft", "image": "448x448", "prompt_tokens": image.num_tokens,
+                "image_tokens": image.num_image_tokens, "ttft_ms": round(statistics.median(ttfts) * 1e3, 1)})
+
+    for concurrency in args.concurrency:
+        prompts = [text_prompt(PROMPT_TOKENS, 1000 + i) for i in range(concurrency)]
+        arrivals = [i / concurrency for i in range(concurrency)]  # spread over one second
+        started = time.perf_counter()
+        results = await run_requests(engine, prompts, [NEW_TOKENS] * concurrency, arrivals)
+        finished = max(times[-1] for _, times, _ in results)
+        ttft = [times[0] - submitted for submitted, times, _ in results]
+        itl = [b - a for _, times, _ in results for a, b in zip(times, times[1:])]
+        emit(rows, {"bench": "engine_concurrent", "requests": concurrency, "prompt_tokens": PROMPT_TOKENS,
+                    "new_tokens": NEW_TOKENS, "arrivals_over_s": 1.0,
+                    "aggregate_tok_per_s": round(concurrency * NEW_TOKENS / (finished - started), 1),
+                    "ttft_p50_ms": round(percentile(ttft, 0.5) * 1e3, 1),
+                    "ttft_p95_ms": round(percentile(ttft, 0.95) * 1e3, 1),
+                    "itl_p50_ms": round(percentile(itl, 0.5) * 1e3, 2),
+                    "itl_p95_ms": round(percentile(itl, 0.95) * 1e3, 2)})
+
+
+def speed(args) -> list[dict]:
+    rows: list[dict] = []
+    loaded, text_bytes = build(args)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    emit(rows, {"bench": "setup", "device": device, "layers": loaded.model.config.text_config.num_hidden_layers,
+                "text_weights_gb": round(text_bytes / 1e9, 2), "torch": torch.__version__})
+    for batch in args.baseline_batches:
+        baseline_generate(loaded, batch, rows)
+    started = time.perf_counter()
+    engine = start_engine(loaded, args)
+    emit(rows, {"bench": "engine_startup", "seconds": round(time.perf_counter() - started, 1),
+                "kv_slots": engine.slots, "max_len": args.max_len, "kv_capacity_tokens": engine.slots * args.max_len,
+                "cuda_graphs": not args.eager and torch.cuda.is_available()})
+    try:
+        asyncio.run(engine_benchmarks(engine, loaded, text_bytes, rows, args))
+    finally:
+        engine.stop()
+    if torch.cuda.is_available():
+        emit(rows, {"bench": "memory", "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                    "total_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 2)})
+    return rows
+
+
+def check(args) -> list[dict]:
+    """Greedy outputs of batched, staggered requests vs `generate` alone, on the real widths."""
+    rows: list[dict] = []
+    loaded, _ = build(args)
+    prompts = [text_prompt(60 + 70 * i, 500 + i) for i in range(3)] + [image_prompt(loaded)] * 2
+    max_tokens = [40, 96, 17, 64, 30]
+    expected = []
+    with torch.inference_mode():
+        for prompt, limit in zip(prompts, max_tokens):
+            inputs = {"input_ids": prompt.input_ids.to(loaded.device)}
+            if prompt.pixel_values is not None:
+                inputs |= {"pixel_values": prompt.pixel_values.to(loaded.device, loaded.dtype),
+                           "image_grid_thw": prompt.image_grid_thw.to(loaded.device),
+                           "mm_token_type_ids": prompt.mm_token_type_ids.to(loaded.device)}
+            ids = loaded.model.generate(**inputs, max_new_tokens=limit, min_new_tokens=limit, do_sample=False)
+            expected.append(loaded.processor.tokenizer.decode(ids[0, prompt.num_tokens:], skip_special_tokens=True))
+    engine = start_engine(loaded, args)
+    try:
+        results = asyncio.run(run_requests(engine, prompts, max_tokens, [0.0, 0.01, 0.03, 0.05, 0.2]))
+    finally:
+        engine.stop()
+    for index, ((_, _, text), reference) in enumerate(zip(results, expected)):
+        common = next((i for i, (a, b) in enumerate(zip(text, reference)) if a != b), min(len(text), len(reference)))
+        emit(rows, {"bench": "greedy_check", "request": index, "image": prompts[index].pixel_values is not None,
+                    "max_tokens": max_tokens[index], "identical": text == reference,
+                    "matching_chars": common, "chars": len(reference)})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="compare greedy outputs with generate instead")
+    parser.add_argument("--tiny", action="store_true", help="a tiny config (smoke test on CPU)")
+    parser.add_argument("--layers", type=int, help="fewer text layers than the real 64")
+    parser.add_argument("--max-len", type=int, default=512)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.95)
+    parser.add_argument("--eager", action="store_true")
+    parser.add_argument("--concurrency", type=int, nargs="*", default=[8, 32, 64])
+    parser.add_argument("--baseline-batches", type=int, nargs="*", default=[1, 32])
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if args.check:
+        args.max_len = max(args.max_len, 1024)  # the image prompts plus their completions
+    rows = check(args) if args.check else speed(args)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()

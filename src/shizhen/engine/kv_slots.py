@@ -1,0 +1,90 @@
+"""The static, slot-addressed KV cache: for every layer, K and V of shape [slots, kv_heads, max_len, head_dim].
+
+Row i of a decode batch is always slot i, so a batch reads the cache through plain views (no gather) and a CUDA
+graph captured over those views stays valid for as long as the cache lives. The cache objects below speak the
+`update(key, value, layer_idx)` protocol transformers' attention layers call, so the model's own layers run on it.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import torch
+
+
+class KVSlots:
+    def __init__(self, num_layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (slots, kv_heads, max_len, head_dim)
+        # zeros, not empty: masked-out positions still meet V in a matmul, and 0 * NaN would poison the row
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.slots = slots
+        self.max_len = max_len
+
+    @staticmethod
+    def bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+    def prefill_cache(self, slot: int) -> PrefillCache:
+        return PrefillCache(self, slot)
+
+    def decode_cache(self, batch: int, length: int, write_positions: torch.Tensor) -> DecodeCache:
+        return DecodeCache(self, batch, length, write_positions)
+
+
+class PrefillCache:
+    """Writes one prompt's K/V into its slot; attention sees just the prompt (causal)."""
+
+    def __init__(self, storage: KVSlots, slot: int):
+        self._storage = storage
+        self._slot = slot
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        length = key.shape[2]
+        self._storage.keys[layer_idx][self._slot, :, :length] = key[0]
+        self._storage.values[layer_idx][self._slot, :, :length] = value[0]
+        return key, value
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+
+class DecodeCache:
+    """One decode step for slots [0, batch): each row's new K/V is written at its own position; attention reads
+    positions [0, length) of each row, masked by the caller to that row's true length."""
+
+    def __init__(self, storage: KVSlots, batch: int, length: int, write_positions: torch.Tensor):
+        self._storage = storage
+        self._batch = batch
+        self._length = length
+        kv_heads, head_dim = storage.keys[0].shape[1], storage.keys[0].shape[3]
+        self._index = write_positions[:batch].view(batch, 1, 1, 1).expand(batch, kv_heads, 1, head_dim)
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        keys = self._storage.keys[layer_idx][: self._batch]
+        values = self._storage.values[layer_idx][: self._batch]
+        keys.scatter_(2, self._index, key)
+        values.scatter_(2, self._index, value)
+        return keys[:, :, : self._length], values[:, :, : self._length]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+
+class SlotAllocator:
+    """Hands out the lowest free slot, so running sequences stay packed at the bottom of the cache and decode
+    batches (slots [0, highest+1)) stay small."""
+
+    def __init__(self, slots: int):
+        self._free = list(range(slots))
+
+    def allocate(self) -> int | None:
+        return heapq.heappop(self._free) if self._free else None
+
+    def release(self, slot: int) -> None:
+        heapq.heappush(self._free, slot)
+
+    @property
+    def free(self) -> int:
+        return len(self._free)

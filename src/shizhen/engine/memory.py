@@ -1,0 +1,50 @@
+"""How many sequences fit: the KV cache gets what the GPU has left after the weights and the activation peak."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .kv_slots import KVSlots
+from .loader import LoadedModel
+
+log = logging.getLogger(__name__)
+GIB = 1024**3
+
+
+class NotEnoughMemory(RuntimeError):
+    pass
+
+
+def plan_slots(loaded: LoadedModel, max_len: int, max_num_seqs: int, gpu_memory_utilization: float) -> int:
+    """Slots of `max_len` tokens that fit in `gpu_memory_utilization` of the GPU (all of `max_num_seqs` on CPU).
+
+    The activation peak is measured with a prefill of `max_len` tokens, as vLLM and nano-vllm do.
+    """
+    if loaded.device.type != "cuda":
+        return max_num_seqs
+    config = loaded.model.model.language_model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_token = KVSlots.bytes_per_token(config.num_hidden_layers, config.num_key_value_heads, head_dim, loaded.dtype)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode():
+        loaded.model(input_ids=torch.zeros(1, max_len, dtype=torch.long, device=loaded.device), use_cache=False,
+                     logits_to_keep=1)
+    torch.cuda.synchronize()
+    free, total = torch.cuda.mem_get_info()
+    used = total - free
+    peak, current = torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
+    budget = total * gpu_memory_utilization - used - peak + current
+    slots = min(max_num_seqs, int(budget // (max_len * per_token)))
+    log.info("GPU memory: %.1f GiB total, %.1f GiB in use, activation peak %.2f GiB; KV cache budget %.2f GiB "
+             "(%d KiB per token) → %d slots of %d tokens", total / GIB, used / GIB, (peak - current) / GIB,
+             budget / GIB, per_token // 1024, slots, max_len)
+    if slots < 1:
+        raise NotEnoughMemory(
+            f"the KV cache needs {max_len * per_token / GIB:.2f} GiB for one {max_len}-token sequence but only "
+            f"{max(budget, 0) / GIB:.2f} GiB is left after the weights; lower SHIZHEN_MAX_CONTEXT_LENGTH or raise "
+            "SHIZHEN_GPU_MEMORY_UTILIZATION")
+    return slots

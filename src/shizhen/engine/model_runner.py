@@ -1,0 +1,138 @@
+"""Runs the model: prefill of one prompt into its slot, and batched decode steps replayed as CUDA graphs.
+
+Decode batches are always slots [0, batch) and attend to positions [0, length); both are rounded up to captured
+buckets, so each step replays one graph whose inputs are a few static buffers. Rows of free slots inside the
+bucket compute garbage into their own free slot and are never read.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .attention import SLOT_ATTENTION
+from .kv_slots import KVSlots
+from .loader import LoadedModel
+from .prompt import PromptInputs
+
+log = logging.getLogger(__name__)
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+LENGTH_BUCKETS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+
+
+@dataclass(frozen=True)
+class DecodeRow:
+    slot: int
+    token: int  # the token to feed
+    position: int  # its rotary position (Qwen2.5-VL: text position + the prompt's rope delta)
+    cache_len: int  # tokens already in the slot; the new token's K/V goes here
+
+
+def buckets(candidates: tuple[int, ...], limit: int) -> list[int]:
+    return [size for size in candidates if size < limit] + [limit]
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel, slots: int, max_len: int, use_graphs: bool):
+        self._loaded = loaded
+        self._model = loaded.model
+        self._text = loaded.model.model.language_model
+        self._text.config._attn_implementation = SLOT_ATTENTION
+        config = self._text.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        device = loaded.device
+        self.kv = KVSlots(config.num_hidden_layers, slots, config.num_key_value_heads, max_len, head_dim,
+                          loaded.dtype, device)
+        self.batch_buckets = buckets(BATCH_BUCKETS, slots)
+        self.length_buckets = buckets(LENGTH_BUCKETS, max_len)
+        # the decode step's inputs: token, rotary position and cache length per slot
+        self._inputs = torch.zeros(3, slots, dtype=torch.long, device=device)
+        self._arange = torch.arange(max_len, device=device)
+        self._logits = torch.zeros(slots, config.vocab_size, dtype=loaded.dtype, device=device)
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        if use_graphs:
+            self._capture_graphs()
+
+    # --- prefill ---------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, slot: int, prompt: PromptInputs) -> tuple[torch.Tensor, int]:
+        """Run the prompt (and its images) into `slot`; returns the last position's logits and the rope delta."""
+        device = self._loaded.device
+        input_ids = prompt.input_ids.to(device)
+        positions, rope_delta = self._prompt_positions(prompt, input_ids)
+        vision = {}
+        if prompt.pixel_values is not None:
+            vision = {"pixel_values": prompt.pixel_values.to(device, self._loaded.dtype),
+                      "image_grid_thw": prompt.image_grid_thw.to(device)}
+        out = self._model(input_ids=input_ids, position_ids=positions, attention_mask={"full_attention": None},
+                          past_key_values=self.kv.prefill_cache(slot), use_cache=True, logits_to_keep=1, **vision)
+        return out.logits[0, -1], rope_delta
+
+    def _prompt_positions(self, prompt: PromptInputs, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """(3, 1, prompt_len) rotary positions, and the offset text positions continue from after the prompt.
+
+        Computed here rather than by the model, whose fallback keeps `rope_deltas` as state shared by all requests.
+        """
+        if prompt.image_grid_thw is None:
+            return torch.arange(prompt.num_tokens, device=input_ids.device).view(1, 1, -1).expand(3, 1, -1), 0
+        positions, deltas = self._model.model.get_rope_index(
+            input_ids,
+            mm_token_type_ids=prompt.mm_token_type_ids.to(input_ids.device),
+            image_grid_thw=prompt.image_grid_thw.to(input_ids.device),
+        )
+        return positions, int(deltas.view(-1)[0])
+
+    # --- decode ----------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def decode(self, rows: list[DecodeRow]) -> torch.Tensor:
+        """One token for each row → logits [len(rows), vocab], in the order of `rows`."""
+        batch = _bucket(self.batch_buckets, max(row.slot for row in rows) + 1)
+        length = _bucket(self.length_buckets, max(row.cache_len for row in rows) + 1)
+        values = [[0] * batch for _ in range(3)]  # free slots inside the bucket: token 0 at position 0
+        for row in rows:
+            values[0][row.slot], values[1][row.slot], values[2][row.slot] = row.token, row.position, row.cache_len
+        self._inputs[:, :batch].copy_(torch.tensor(values, dtype=torch.long))
+        graph = self._graphs.get((batch, length))
+        if graph is not None:
+            graph.replay()
+        else:
+            self._decode_step(batch, length)
+        return self._logits[torch.tensor([row.slot for row in rows], device=self._logits.device)]
+
+    def _decode_step(self, batch: int, length: int) -> None:
+        tokens, positions, cache_lens = self._inputs[0, :batch], self._inputs[1, :batch], self._inputs[2, :batch]
+        mask = (self._arange[:length][None, :] <= cache_lens[:, None]).view(batch, 1, 1, length)
+        hidden = self._text(
+            inputs_embeds=self._text.embed_tokens(tokens.view(batch, 1)),
+            position_ids=positions.view(1, batch, 1).expand(3, batch, 1),
+            attention_mask={"full_attention": mask},
+            past_key_values=self.kv.decode_cache(batch, length, cache_lens),
+            use_cache=True,
+        ).last_hidden_state
+        self._logits[:batch].copy_(self._model.lm_head(hidden[:, -1]))
+
+    @torch.inference_mode()
+    def _capture_graphs(self) -> None:
+        """One graph per (batch, length) bucket, largest first, all sharing one memory pool."""
+        started = time.perf_counter()
+        pool = None
+        for batch in reversed(self.batch_buckets):
+            for length in reversed(self.length_buckets):
+                self._decode_step(batch, length)  # warm-up: lazy inits and autotuning happen outside capture
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._decode_step(batch, length)
+                pool = graph.pool()
+                self._graphs[(batch, length)] = graph
+        torch.cuda.synchronize()
+        self._inputs.zero_()
+        log.info("captured %d decode graphs (batch %s x length %s) in %.1f s", len(self._graphs),
+                 self.batch_buckets, self.length_buckets, time.perf_counter() - started)
+
+
+def _bucket(sizes: list[int], needed: int) -> int:
+    return next(size for size in sizes if size >= needed)
