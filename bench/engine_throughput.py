@@ -66,7 +66,7 @@ def build(args) -> tuple[LoadedModel, int]:
                               video_token_id=QWEN_IDS["video"], vision_start_token_id=QWEN_IDS["vision_start"],
                               vision_end_token_id=QWEN_IDS["vision_end"], tie_word_embeddings=False)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype) if args.dtype else torch.bfloat16 if device.type == "cuda" else torch.float32
     started = time.perf_counter()
     torch.manual_seed(0)
     with torch.device(device):
@@ -194,6 +194,28 @@ async def engine_benchmarks(engine: Engine, loaded: LoadedModel, text_bytes: int
                     "itl_p95_ms": round(percentile(itl, 0.95) * 1e3, 2)})
 
 
+def graph_step_times(engine: Engine, rows: list[dict]) -> None:
+    """GPU time of one decode step alone (a graph replay), per batch bucket: the floor the engine loop sits on."""
+    runner = engine._runner
+    if not runner._graphs:
+        return
+    length = runner.length_buckets[0]
+    for batch in (1, 8, 32, 64):
+        if (batch, length) not in runner._graphs:
+            continue
+        graph = runner._graphs[(batch, length)]
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        graph.replay()
+        start.record()
+        for _ in range(20):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        step_ms = start.elapsed_time(end) / 20
+        emit(rows, {"bench": "decode_graph_replay", "batch": batch, "attended_length": length,
+                    "step_ms": round(step_ms, 2), "tok_per_s": round(batch * 1000 / step_ms, 1)})
+
+
 def speed(args) -> list[dict]:
     rows: list[dict] = []
     loaded, text_bytes = build(args)
@@ -209,6 +231,7 @@ def speed(args) -> list[dict]:
                 "cuda_graphs": not args.eager and torch.cuda.is_available()})
     try:
         asyncio.run(engine_benchmarks(engine, loaded, text_bytes, rows, args))
+        graph_step_times(engine, rows)
     finally:
         engine.stop()
     if torch.cuda.is_available():
@@ -255,6 +278,7 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.95)
     parser.add_argument("--eager", action="store_true")
+    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: bf16 on GPU")
     parser.add_argument("--concurrency", type=int, nargs="*", default=[8, 32, 64])
     parser.add_argument("--baseline-batches", type=int, nargs="*", default=[1, 32])
     parser.add_argument("--json", type=Path)

@@ -1,8 +1,11 @@
 """The engine: owns the model on one worker thread and runs every request in one continuously batched loop.
 
-Each step is: take new requests → drop cancelled ones → prefill admissions (each joins the running batch) →
-one decode step for the whole batch. The event loop only enqueues and awaits `RequestStream`s; it never touches
-the GPU. Loading, memory planning and graph capture happen on the same thread at start, in the background.
+Each step is: take new requests → drop cancelled ones → prefill admissions (they join the running batch) →
+launch one decode step for the whole batch → handle the previous step's tokens while this one runs on the GPU.
+Decode feeds the sampled tokens back on the device, so the host's per-token work (detokenizing, stop strings,
+streaming) overlaps the next step instead of stalling it; a sequence that finished is simply dropped from the
+step already in flight. The event loop only enqueues and awaits `RequestStream`s; it never touches the GPU.
+Loading, memory planning and graph capture happen on the same thread at start, in the background.
 """
 
 from __future__ import annotations
@@ -36,6 +39,15 @@ class EngineState(enum.Enum):
     FAILED = "failed"
 
 
+@dataclass
+class InFlightStep:
+    """A launched decode step: which sequences it advanced and where its tokens will land on the host."""
+
+    sequences: list[Sequence]
+    tokens: torch.Tensor  # host copy, filled asynchronously
+    done: torch.cuda.Event | None
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     max_len: int  # prompt + completion tokens per sequence (the context length)
@@ -63,6 +75,8 @@ class Engine:
         self._scheduler: Scheduler | None = None
         self._runner: ModelRunner | None = None
         self._sampler: BatchSampler | None = None
+        self._next_tokens: torch.Tensor | None = None  # per slot: the last sampled token, on the device
+        self._in_flight: InFlightStep | None = None
 
     # --- the event loop's side -----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -109,7 +123,8 @@ class Engine:
             self.loaded = self._load(self._report_phase)
             self._report_phase("planning GPU memory for the KV cache")
             config = self.config
-            self.slots = plan_slots(self.loaded, config.max_len, config.max_num_seqs, config.gpu_memory_utilization)
+            self.slots = plan_slots(self.loaded, config.max_len, config.max_num_seqs, config.gpu_memory_utilization,
+                                    prefill_tokens=max(config.max_len, config.prefill_token_budget))
             use_graphs = self.loaded.device.type == "cuda" and not config.enforce_eager
             self._report_phase("capturing CUDA graphs" if use_graphs else "allocating the KV cache")
             self._runner = ModelRunner(self.loaded, self.slots, config.max_len, use_graphs)
@@ -119,6 +134,7 @@ class Engine:
             self.state = EngineState.FAILED
             return False
         self._sampler = BatchSampler(self.slots, self.loaded.vocab_size, self.loaded.device)
+        self._next_tokens = torch.zeros(self.slots, dtype=torch.long, device=self.loaded.device)
         self._scheduler = Scheduler(self.slots, self.config.prefill_token_budget)
         self.load_seconds = time.perf_counter() - started
         self.phase = "ready"
@@ -144,44 +160,71 @@ class Engine:
         scheduler = self._scheduler
         for sequence in scheduler.cancelled():
             self._end(sequence, EngineFailure("the request was cancelled"))
-        for stream, slot in scheduler.admissions():
+        admitted = scheduler.admissions()
+        if admitted:
             try:
-                self._prefill(stream, slot)
-            except Exception as exc:  # one bad prompt must not take the others down
-                self._recover(exc, f"prefill of {stream.request.request_id}")
-                stream.put(EngineFailure(f"{type(exc).__name__}: {exc}"))
-                scheduler.release(slot)
-        if scheduler.running:
-            try:
-                self._decode()
-            except Exception as exc:
-                self._recover(exc, "a decode step")
-                for sequence in list(scheduler.running.values()):
-                    self._end(sequence, EngineFailure(f"{type(exc).__name__}: {exc}"))
+                self._prefill(admitted)
+            except Exception as exc:  # a failed prefill must not take the running requests down
+                self._recover(exc, "a prefill")
+                for stream, slot in admitted:
+                    stream.put(EngineFailure(f"{type(exc).__name__}: {exc}"))
+                    self._release(slot)
+        try:
+            launched = self._launch_decode() if scheduler.running else None
+            if self._in_flight is not None:
+                self._collect(self._in_flight)
+            self._in_flight = launched
+        except Exception as exc:
+            self._in_flight = None
+            self._recover(exc, "a decode step")
+            for sequence in list(scheduler.running.values()):
+                self._end(sequence, EngineFailure(f"{type(exc).__name__}: {exc}"))
 
-    def _prefill(self, stream: RequestStream, slot: int) -> None:
-        request = stream.request
-        logits, rope_delta = self._runner.prefill(slot, request.prompt)
-        self._sampler.admit(slot, request.sampling, request.prompt.input_ids[0])
-        token = int(self._sampler.sample(logits[None], [slot])[0])
-        sequence = Sequence(
-            stream=stream,
-            slot=slot,
-            rope_delta=rope_delta,
-            detokenizer=IncrementalDetokenizer(self.loaded.processor.tokenizer),
-            stopper=StopStringMatcher(request.sampling.stop),
-            stop_token_ids=frozenset() if request.sampling.ignore_eos else self.loaded.stop_token_ids,
-        )
-        self._scheduler.start(sequence)
-        self._emit(sequence, token)
-
-    def _decode(self) -> None:
-        batch = self._scheduler.decode_batch()
-        rows = [DecodeRow(s.slot, s.last_token, s.next_position, s.cache_len) for s in batch]
-        logits = self._runner.decode(rows)
-        tokens = self._sampler.sample(logits, [s.slot for s in batch]).tolist()  # the step's one host sync
-        for sequence, token in zip(batch, tokens, strict=True):
+    def _prefill(self, admitted: list[tuple[RequestStream, int]]) -> None:
+        logits, rope_deltas = self._runner.prefill([(slot, stream.request.prompt) for stream, slot in admitted])
+        slots = [slot for _, slot in admitted]
+        for stream, slot in admitted:
+            self._sampler.admit(slot, stream.request.sampling, stream.request.prompt.input_ids[0])
+        sampled = self._sampler.sample(logits, slots)
+        self._next_tokens[torch.tensor(slots, device=sampled.device)] = sampled
+        for (stream, slot), rope_delta, token in zip(admitted, rope_deltas, sampled.tolist(), strict=True):
+            sampling = stream.request.sampling
+            sequence = Sequence(
+                stream=stream,
+                slot=slot,
+                rope_delta=rope_delta,
+                detokenizer=IncrementalDetokenizer(self.loaded.processor.tokenizer),
+                stopper=StopStringMatcher(sampling.stop),
+                stop_token_ids=frozenset() if sampling.ignore_eos else self.loaded.stop_token_ids,
+            )
+            self._scheduler.start(sequence)
             self._emit(sequence, token)
+
+    def _launch_decode(self) -> InFlightStep:
+        """Queue one decode step and its sampling on the device; nothing here waits for the GPU."""
+        batch = self._scheduler.decode_batch()
+        rows = [DecodeRow(s.slot, s.next_position, s.cache_len) for s in batch]
+        logits = self._runner.decode(rows, self._next_tokens)
+        slots = [s.slot for s in batch]
+        tokens = self._sampler.sample(logits, slots)
+        self._next_tokens[torch.tensor(slots, device=tokens.device)] = tokens
+        for sequence in batch:
+            sequence.sampled += 1
+        on_gpu = tokens.device.type == "cuda"
+        host = torch.empty(len(batch), dtype=torch.long, pin_memory=on_gpu)
+        host.copy_(tokens, non_blocking=on_gpu)
+        done = torch.cuda.Event() if on_gpu else None
+        if done is not None:
+            done.record()
+        return InFlightStep(batch, host, done)
+
+    def _collect(self, step: InFlightStep) -> None:
+        """Hand a finished step's tokens to their sequences; the step's one wait for the GPU."""
+        if step.done is not None:
+            step.done.synchronize()
+        for sequence, token in zip(step.sequences, step.tokens.tolist(), strict=True):
+            if not sequence.finished:  # finished or cancelled while this step was in flight
+                self._emit(sequence, token)
 
     def _emit(self, sequence: Sequence, token: int) -> None:
         output = sequence.accept(token)
@@ -191,6 +234,7 @@ class Engine:
             self._release(sequence.slot)
 
     def _end(self, sequence: Sequence, failure: EngineFailure) -> None:
+        sequence.abort()
         sequence.stream.put(failure)
         self._release(sequence.slot)
 

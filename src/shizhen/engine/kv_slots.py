@@ -26,24 +26,24 @@ class KVSlots:
     def bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
 
-    def prefill_cache(self, slot: int) -> PrefillCache:
-        return PrefillCache(self, slot)
+    def prefill_cache(self, slots: torch.Tensor) -> PrefillCache:
+        return PrefillCache(self, slots)
 
     def decode_cache(self, batch: int, length: int, write_positions: torch.Tensor) -> DecodeCache:
         return DecodeCache(self, batch, length, write_positions)
 
 
 class PrefillCache:
-    """Writes one prompt's K/V into its slot; attention sees just the prompt (causal)."""
+    """Writes a batch of prompts' K/V, row i into slots[i]; attention sees just the prompts (causal)."""
 
-    def __init__(self, storage: KVSlots, slot: int):
+    def __init__(self, storage: KVSlots, slots: torch.Tensor):
         self._storage = storage
-        self._slot = slot
+        self._slots = slots
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
         length = key.shape[2]
-        self._storage.keys[layer_idx][self._slot, :, :length] = key[0]
-        self._storage.values[layer_idx][self._slot, :, :length] = value[0]
+        self._storage.keys[layer_idx][self._slots, :, :length] = key
+        self._storage.values[layer_idx][self._slots, :, :length] = value
         return key, value
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -17,10 +17,11 @@ class NotEnoughMemory(RuntimeError):
     pass
 
 
-def plan_slots(loaded: LoadedModel, max_len: int, max_num_seqs: int, gpu_memory_utilization: float) -> int:
+def plan_slots(loaded: LoadedModel, max_len: int, max_num_seqs: int, gpu_memory_utilization: float,
+               prefill_tokens: int) -> int:
     """Slots of `max_len` tokens that fit in `gpu_memory_utilization` of the GPU (all of `max_num_seqs` on CPU).
 
-    The activation peak is measured with a prefill of `max_len` tokens, as vLLM and nano-vllm do.
+    The activation peak is measured with a prefill of the most tokens one step may prefill, as vLLM and nano-vllm do.
     """
     if loaded.device.type != "cuda":
         return max_num_seqs
@@ -31,7 +32,7 @@ def plan_slots(loaded: LoadedModel, max_len: int, max_num_seqs: int, gpu_memory_
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     with torch.inference_mode():
-        loaded.model(input_ids=torch.zeros(1, max_len, dtype=torch.long, device=loaded.device), use_cache=False,
+        loaded.model(input_ids=torch.zeros(1, prefill_tokens, dtype=torch.long, device=loaded.device), use_cache=False,
                      logits_to_keep=1)
     torch.cuda.synchronize()
     free, total = torch.cuda.mem_get_info()

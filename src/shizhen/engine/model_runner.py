@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -27,9 +28,8 @@ LENGTH_BUCKETS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 @dataclass(frozen=True)
 class DecodeRow:
     slot: int
-    token: int  # the token to feed
-    position: int  # its rotary position (Qwen2.5-VL: text position + the prompt's rope delta)
-    cache_len: int  # tokens already in the slot; the new token's K/V goes here
+    position: int  # the fed token's rotary position (Qwen2.5-VL: text position + the prompt's rope delta)
+    cache_len: int  # tokens already in the slot; the fed token's K/V goes here
 
 
 def buckets(candidates: tuple[int, ...], limit: int) -> list[int]:
@@ -42,6 +42,7 @@ class ModelRunner:
         self._model = loaded.model
         self._text = loaded.model.model.language_model
         self._text.config._attn_implementation = SLOT_ATTENTION
+        _fuse_rms_norms(self._text)
         config = self._text.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         device = loaded.device
@@ -59,18 +60,42 @@ class ModelRunner:
 
     # --- prefill ---------------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, slot: int, prompt: PromptInputs) -> tuple[torch.Tensor, int]:
-        """Run the prompt (and its images) into `slot`; returns the last position's logits and the rope delta."""
+    def prefill(self, admitted: list[tuple[int, PromptInputs]]) -> tuple[torch.Tensor, list[int]]:
+        """Run prompts (and their images) into their slots in one forward pass, right-padded to the longest.
+
+        Returns each prompt's last-position logits [len(admitted), vocab] and rope deltas. Padding sits after each
+        prompt, so causal attention never lets a real token see it; the K/V it writes past a prompt's end is
+        overwritten by decode before any mask lets it be read.
+        """
         device = self._loaded.device
-        input_ids = prompt.input_ids.to(device)
-        positions, rope_delta = self._prompt_positions(prompt, input_ids)
-        vision = {}
-        if prompt.pixel_values is not None:
-            vision = {"pixel_values": prompt.pixel_values.to(device, self._loaded.dtype),
-                      "image_grid_thw": prompt.image_grid_thw.to(device)}
-        out = self._model(input_ids=input_ids, position_ids=positions, attention_mask={"full_attention": None},
-                          past_key_values=self.kv.prefill_cache(slot), use_cache=True, logits_to_keep=1, **vision)
-        return out.logits[0, -1], rope_delta
+        longest = max(prompt.num_tokens for _, prompt in admitted)
+        input_ids = torch.zeros(len(admitted), longest, dtype=torch.long, device=device)
+        positions = torch.arange(longest, device=device).view(1, 1, -1).repeat(3, len(admitted), 1)
+        deltas = []
+        for row, (_, prompt) in enumerate(admitted):
+            ids = prompt.input_ids.to(device)
+            input_ids[row, : prompt.num_tokens] = ids[0]
+            row_positions, delta = self._prompt_positions(prompt, ids)
+            positions[:, row, : prompt.num_tokens] = row_positions[:, 0]
+            deltas.append(delta)
+        slots = torch.tensor([slot for slot, _ in admitted], device=device)
+        hidden = self._model.model(
+            input_ids=input_ids, position_ids=positions, attention_mask={"full_attention": None},
+            past_key_values=self.kv.prefill_cache(slots), use_cache=True,
+            **self._vision_inputs([prompt for _, prompt in admitted]),
+        ).last_hidden_state
+        last = torch.tensor([prompt.num_tokens - 1 for _, prompt in admitted], device=device)
+        return self._model.lm_head(hidden[torch.arange(len(admitted), device=device), last]), deltas
+
+    def _vision_inputs(self, prompts: list[PromptInputs]) -> dict[str, torch.Tensor]:
+        with_images = [prompt for prompt in prompts if prompt.pixel_values is not None]
+        if not with_images:
+            return {}
+        device = self._loaded.device
+        return {
+            "pixel_values": torch.cat([p.pixel_values for p in with_images]).to(device, self._loaded.dtype),
+            "image_grid_thw": torch.cat([p.image_grid_thw for p in with_images]).to(device),
+        }
 
     def _prompt_positions(self, prompt: PromptInputs, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
         """(3, 1, prompt_len) rotary positions, and the offset text positions continue from after the prompt.
@@ -88,14 +113,16 @@ class ModelRunner:
 
     # --- decode ----------------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def decode(self, rows: list[DecodeRow]) -> torch.Tensor:
-        """One token for each row → logits [len(rows), vocab], in the order of `rows`."""
+    def decode(self, rows: list[DecodeRow], next_tokens: torch.Tensor) -> torch.Tensor:
+        """Feed each row's slot its token from `next_tokens` (per slot, on the device: the last sampled ones, so no
+        host round trip) → logits [len(rows), vocab], in the order of `rows`."""
         batch = _bucket(self.batch_buckets, max(row.slot for row in rows) + 1)
         length = _bucket(self.length_buckets, max(row.cache_len for row in rows) + 1)
-        values = [[0] * batch for _ in range(3)]  # free slots inside the bucket: token 0 at position 0
+        values = [[0] * batch for _ in range(2)]  # free slots inside the bucket: position 0
         for row in rows:
-            values[0][row.slot], values[1][row.slot], values[2][row.slot] = row.token, row.position, row.cache_len
-        self._inputs[:, :batch].copy_(torch.tensor(values, dtype=torch.long))
+            values[0][row.slot], values[1][row.slot] = row.position, row.cache_len
+        self._inputs[1:, :batch].copy_(torch.tensor(values, dtype=torch.long))
+        self._inputs[0, :batch].copy_(next_tokens[:batch])
         graph = self._graphs.get((batch, length))
         if graph is not None:
             graph.replay()
@@ -132,6 +159,18 @@ class ModelRunner:
         self._inputs.zero_()
         log.info("captured %d decode graphs (batch %s x length %s) in %.1f s", len(self._graphs),
                  self.batch_buckets, self.length_buckets, time.perf_counter() - started)
+
+
+def _fuse_rms_norms(module: torch.nn.Module) -> None:
+    """transformers' RMSNorm is six elementwise kernels; torch.rms_norm is one on CUDA. With ~130 norms per decode
+    step of a 64-layer model, that is ~650 fewer kernels."""
+    for norm in module.modules():
+        if type(norm).__name__.endswith("RMSNorm") and hasattr(norm, "variance_epsilon"):
+            norm.forward = partial(_rms_norm, norm)
+
+
+def _rms_norm(norm: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    return torch.rms_norm(hidden, (hidden.shape[-1],), norm.weight, norm.variance_epsilon)
 
 
 def _bucket(sizes: list[int], needed: int) -> int:

@@ -1,7 +1,8 @@
 """Which requests run: plain Python, no torch, so its rules are testable anywhere.
 
 Between two decode steps the engine admits waiting requests in arrival order while a slot is free and the step's
-prefill budget (in prompt tokens) lasts — at least one per step, so a long prompt is never starved.
+prefill budget lasts — at least one per step, so a long prompt is never starved. Admitted prompts are prefilled
+together, padded to the longest, so the budget counts padded tokens.
 """
 
 from __future__ import annotations
@@ -30,18 +31,18 @@ class Scheduler:
     def admissions(self) -> list[tuple[RequestStream, int]]:
         """Pop the requests to prefill now, each with the slot it gets."""
         admitted: list[tuple[RequestStream, int]] = []
-        budget = self._prefill_token_budget
+        longest = 0
         while self.waiting and self._allocator.free:
             stream = self.waiting[0]
             if stream.cancelled:
                 self.waiting.popleft()
                 continue
-            tokens = stream.request.prompt.num_tokens
-            if admitted and tokens > budget:
+            longest_with = max(longest, stream.request.prompt.num_tokens)
+            if admitted and longest_with * (len(admitted) + 1) > self._prefill_token_budget:
                 break
             self.waiting.popleft()
             admitted.append((stream, self._allocator.allocate()))
-            budget -= tokens
+            longest = longest_with
         return admitted
 
     def start(self, sequence: Sequence) -> None:

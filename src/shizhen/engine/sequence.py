@@ -16,8 +16,8 @@ class Sequence:
     detokenizer: IncrementalDetokenizer
     stopper: StopStringMatcher
     stop_token_ids: frozenset[int]
-    produced: int = 0
-    last_token: int = 0
+    sampled: int = 1  # tokens sampled on the device, the one in flight included (prefill samples the first)
+    produced: int = 0  # tokens accepted here, on the host
     finished: bool = field(default=False)
 
     @property
@@ -26,8 +26,8 @@ class Sequence:
 
     @property
     def cache_len(self) -> int:
-        """Tokens whose K/V are in the slot: the prompt and every generated token but the last."""
-        return self.prompt_len + self.produced - 1
+        """Where the next decode step writes: after the prompt and every sampled token but the last."""
+        return self.prompt_len + self.sampled - 1
 
     @property
     def next_position(self) -> int:
@@ -36,7 +36,6 @@ class Sequence:
     def accept(self, token_id: int) -> GenerationOutput:
         """Take the sampled token; returns the output to send (finished when a stop condition is met)."""
         self.produced += 1
-        self.last_token = token_id
         if token_id in self.stop_token_ids:
             return self._finish(self._drain()[0], "stop")
         text, hit_stop = self.stopper.feed(self.detokenizer.push(token_id))
@@ -50,6 +49,10 @@ class Sequence:
     def _finish(self, text: str, reason: str) -> GenerationOutput:
         self.finished = True
         return GenerationOutput(text, self.produced, reason)
+
+    def abort(self) -> None:
+        """Stop accepting tokens: a decode step still in flight for this sequence is discarded."""
+        self.finished = True
 
     def _drain(self) -> tuple[str, bool]:
         """At the end: release all held-back text, still cutting at a stop string."""
