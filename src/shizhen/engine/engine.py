@@ -204,10 +204,9 @@ class Engine:
         """Queue one decode step and its sampling on the device; nothing here waits for the GPU."""
         batch = self._scheduler.decode_batch()
         rows = [DecodeRow(s.slot, s.next_position, s.cache_len) for s in batch]
-        logits = self._runner.decode(rows, self._next_tokens)
-        slots = [s.slot for s in batch]
-        tokens = self._sampler.sample(logits, slots)
-        self._next_tokens[torch.tensor(slots, device=tokens.device)] = tokens
+        logits, row_slots = self._runner.decode(rows, self._next_tokens)
+        tokens = self._sampler.sample(logits, [s.slot for s in batch], row_slots)
+        self._next_tokens[row_slots] = tokens
         for sequence in batch:
             sequence.sampled += 1
         on_gpu = tokens.device.type == "cuda"

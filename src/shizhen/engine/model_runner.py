@@ -52,6 +52,11 @@ class ModelRunner:
         self.length_buckets = buckets(LENGTH_BUCKETS, max_len)
         # the decode step's inputs: token, rotary position and cache length per slot
         self._inputs = torch.zeros(3, slots, dtype=torch.long, device=device)
+        # host-side staging in pinned memory, two sets used in turn: a blocking host-to-device copy would wait for
+        # the step still running on the GPU, and reusing one buffer could overwrite it before its copy ran
+        self._staging = [torch.zeros(3, slots, dtype=torch.long, pin_memory=device.type == "cuda") for _ in range(2)]
+        self._staging_turn = 0
+        self._row_slots = torch.zeros(slots, dtype=torch.long, device=device)
         self._arange = torch.arange(max_len, device=device)
         self._logits = torch.zeros(slots, config.vocab_size, dtype=loaded.dtype, device=device)
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
@@ -113,22 +118,29 @@ class ModelRunner:
 
     # --- decode ----------------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def decode(self, rows: list[DecodeRow], next_tokens: torch.Tensor) -> torch.Tensor:
+    def decode(self, rows: list[DecodeRow], next_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Feed each row's slot its token from `next_tokens` (per slot, on the device: the last sampled ones, so no
-        host round trip) → logits [len(rows), vocab], in the order of `rows`."""
+        host round trip). Returns logits [len(rows), vocab] in the order of `rows`, and the rows' slots as a device
+        tensor. Nothing here waits for the GPU."""
         batch = _bucket(self.batch_buckets, max(row.slot for row in rows) + 1)
         length = _bucket(self.length_buckets, max(row.cache_len for row in rows) + 1)
-        values = [[0] * batch for _ in range(2)]  # free slots inside the bucket: position 0
-        for row in rows:
-            values[0][row.slot], values[1][row.slot] = row.position, row.cache_len
-        self._inputs[1:, :batch].copy_(torch.tensor(values, dtype=torch.long))
+        values = [[0] * batch for _ in range(3)]  # free slots inside the bucket: position 0
+        for index, row in enumerate(rows):
+            values[0][index], values[1][row.slot], values[2][row.slot] = row.slot, row.position, row.cache_len
+        staging = self._staging[self._staging_turn]
+        self._staging_turn ^= 1
+        staging[:, :batch] = torch.tensor(values, dtype=torch.long)
+        non_blocking = staging.is_pinned()
+        self._inputs[1:, :batch].copy_(staging[1:, :batch], non_blocking=non_blocking)
+        self._row_slots[: len(rows)].copy_(staging[0, : len(rows)], non_blocking=non_blocking)
         self._inputs[0, :batch].copy_(next_tokens[:batch])
         graph = self._graphs.get((batch, length))
         if graph is not None:
             graph.replay()
         else:
             self._decode_step(batch, length)
-        return self._logits[torch.tensor([row.slot for row in rows], device=self._logits.device)]
+        row_slots = self._row_slots[: len(rows)]
+        return self._logits[row_slots], row_slots
 
     def _decode_step(self, batch: int, length: int) -> None:
         tokens, positions, cache_lens = self._inputs[0, :batch], self._inputs[1, :batch], self._inputs[2, :batch]

@@ -84,9 +84,13 @@ class BatchSampler:
     def release(self, slot: int) -> None:
         self._params.pop(slot, None)
 
-    def sample(self, logits: torch.Tensor, slots: list[int]) -> torch.Tensor:
-        """logits [rows, ≥vocab] for `slots` (in that order) → next token per row, on the device."""
-        rows = torch.tensor(slots, device=self._device)
+    def sample(self, logits: torch.Tensor, slots: list[int], rows: torch.Tensor | None = None) -> torch.Tensor:
+        """logits [rows, ≥vocab] for `slots` (in that order) → next token per row, on the device.
+
+        `rows`: the same slots already on the device, which spares a blocking host-to-device copy.
+        """
+        if rows is None:
+            rows = torch.tensor(slots, device=self._device)
         params = [self._params[slot] for slot in slots]
         logits = logits[:, : self.vocab_size].float()
         if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params):
