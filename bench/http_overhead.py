@@ -7,6 +7,7 @@ The server runs in its own process (the real `shizhen serve` command), as in pro
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import statistics
 import subprocess
@@ -17,10 +18,10 @@ from pathlib import Path
 
 import httpx
 
+from shizhen.engine.engine import Engine, EngineConfig, EngineState
 from shizhen.engine.loader import load_model
 from shizhen.engine.prompt import ChatTurn, PromptBuilder
 from shizhen.engine.request import GenerationRequest
-from shizhen.engine.runner import SequenceRunner
 from shizhen.engine.sampling import SamplingParams
 from shizhen.tiny_checkpoint import build_tiny_checkpoint
 
@@ -29,19 +30,30 @@ PIXELS = {"min_pixels": 28 * 28 * 4, "max_pixels": 28 * 28 * 64}
 
 
 def direct_seconds(checkpoint: Path, tokens: int, repeats: int) -> list[float]:
-    """Prompt building plus generation, in-process, no HTTP."""
-    loaded = load_model(str(checkpoint))
-    builder = PromptBuilder(loaded.processor, PIXELS["min_pixels"], PIXELS["max_pixels"])
-    runner = SequenceRunner(loaded)
-    timings = []
-    for _ in range(repeats + 2):
+    """Prompt building plus generation through the engine in-process: everything but HTTP."""
+    engine = Engine(lambda report_phase: load_model(str(checkpoint)), EngineConfig(max_len=4096, max_num_seqs=8))
+    engine.start()
+    while engine.state is EngineState.LOADING:
+        time.sleep(0.01)
+    builder = PromptBuilder(engine.loaded.processor, PIXELS["min_pixels"], PIXELS["max_pixels"])
+    params = SamplingParams(max_new_tokens=tokens, temperature=0, ignore_eos=True)
+
+    async def one() -> float:
         started = time.perf_counter()
-        prompt = builder.build([ChatTurn("user", (QUESTION,))])
-        request = GenerationRequest("bench", prompt, SamplingParams(max_new_tokens=tokens, temperature=0, ignore_eos=True))
-        outputs = list(runner.run(request, lambda: False))
-        timings.append(time.perf_counter() - started)
-        assert outputs[-1].completion_tokens == tokens
-    return timings[2:]  # the first runs warm up
+        prompt = await asyncio.to_thread(builder.build, [ChatTurn("user", (QUESTION,))])
+        stream = engine.submit(GenerationRequest("bench", prompt, params))
+        while not (output := await stream.next()).finish_reason:
+            pass
+        assert output.completion_tokens == tokens
+        return time.perf_counter() - started
+
+    async def run() -> list[float]:
+        return [await one() for _ in range(repeats + 2)]
+
+    try:
+        return asyncio.run(run())[2:]  # the first runs warm up
+    finally:
+        engine.stop()
 
 
 def http_seconds(url: str, tokens: int, repeats: int, stream: bool) -> list[float]:

@@ -39,6 +39,7 @@ async def health(request: Request, settings: AppSettings, engine: EngineDep) -> 
         "gpu_memory": _gpu_memory(),
         "load_seconds": round(engine.load_seconds, 2),
         "requests": {"running": engine.running, "waiting": engine.waiting},
+        "kv_cache": {"sequences": engine.slots, "tokens_per_sequence": engine.config.max_len},
         "limits": request.app.state.limits,
     }
     return JSONResponse(body)
