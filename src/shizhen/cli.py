@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from .config import Settings
+from .observability.logs import configure_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,14 +52,17 @@ def demo_checkpoint(settings: Settings) -> Path:
 
 def serve(cli_args: list[str]) -> int:
     settings = load_settings(cli_args)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_json)
     import uvicorn
 
     from .api.app import create_app
+    from .api.shutdown import DrainingServer
 
     source = str(demo_checkpoint(settings)) if settings.demo else None
     app = create_app(settings, model_source=source)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            log_config=None, timeout_graceful_shutdown=5)
+    DrainingServer(config, app, settings.shutdown_grace_seconds).run()
     return 0
 
 

@@ -80,6 +80,22 @@ class Settings(BaseSettings):
         15.0, gt=0, description="SSE comment sent while waiting for tokens, so idle-timeout proxies keep the stream."
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_json: bool | None = Field(None, description="JSON log lines; default: when stderr is not a terminal.")
+    log_message_contents: bool = Field(False, description="Debug only: also log what clients send.")
+    metrics_require_api_key: bool = Field(False, description="Guard /metrics with the API keys too.")
+
+    # --- protection -----------------------------------------------------------------------------------------------
+    max_waiting_requests: int = Field(256, ge=1, description="Queued requests beyond this get 429.")
+    request_timeout_seconds: float = Field(600.0, gt=0, description="A generation running longer is ended (504).")
+    rate_limit: str | None = Field(
+        None, description="Per API key (or client address), in the `limits` syntax: '60/minute', '10/second;500/hour'."
+    )
+    rate_limit_storage_url: str = Field(
+        "memory://", description="memory:// (this process) or redis://host:6379 (shared by replicas)."
+    )
+    shutdown_grace_seconds: float = Field(
+        30.0, ge=0, description="On SIGTERM: how long running generations may finish before the server exits."
+    )
 
     # --- generation limits --------------------------------------------------------------------------------------
     default_max_tokens: int = Field(2048, ge=1, description="Used when a request sets no max_tokens.")
@@ -121,6 +137,18 @@ class Settings(BaseSettings):
             if not _MEMORY_SIZE.match(size):
                 raise ValueError(f"size {size!r} for device {device!r} must look like '75GiB' or '80GB'")
         return value
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _valid_rate_limit(cls, value: str | None) -> str | None:
+        if value:
+            from limits import parse_many
+
+            try:
+                parse_many(value)
+            except ValueError as exc:
+                raise ValueError(f"{value!r} is not a rate like '60/minute': {exc}") from None
+        return value or None
 
     @model_validator(mode="after")
     def _consistent_limits(self) -> Settings:

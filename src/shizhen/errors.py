@@ -43,6 +43,18 @@ class UnsupportedMediaType(ServingError):
     status = 415
 
 
+class RateLimited(ServingError):
+    """Too many requests: this client's rate, or the server's waiting queue. Retry after `Retry-After` seconds."""
+
+    status = 429
+    error_type = "rate_limit_error"
+
+
+class RequestTimedOut(ServingError):
+    status = 504
+    error_type = "timeout_error"
+
+
 class ServiceUnavailable(ServingError):
     """The model is loading, failed to load, or the server is shutting down; retry later."""
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,10 +16,19 @@ from pydantic import BaseModel
 from .config import Settings
 from .engine.engine import Engine, EngineState
 from .engine.prompt import ChatTurn, Part, PromptBuilder, PromptInputs
-from .engine.request import EngineFailure, GenerationRequest, RequestStream
+from .engine.request import EngineFailure, GenerationOutput, GenerationRequest
 from .engine.sampling import SamplingParams
-from .errors import InternalError, InvalidRequest, ModelNotFound, ServiceUnavailable
+from .errors import (
+    InternalError,
+    InvalidRequest,
+    ModelNotFound,
+    RateLimited,
+    RequestTimedOut,
+    ServiceUnavailable,
+)
 from .media import ImageIntake
+from .observability.metrics import ServerMetrics
+from .observability.requests import current_request
 from .protocol import (
     AssistantMessage,
     ChatCompletion,
@@ -46,11 +56,13 @@ def is_random_test_model(model_source: str) -> bool:
 
 
 class ChatService:
-    def __init__(self, settings: Settings, engine: Engine):
+    def __init__(self, settings: Settings, engine: Engine, metrics: ServerMetrics):
         self._settings = settings
         self._engine = engine
+        self._metrics = metrics
         self._prompt_builder: PromptBuilder | None = None
-        self.images = ImageIntake(settings)
+        self.images = ImageIntake(settings, metrics)
+        self.draining = False  # set on SIGTERM: finish what runs, take nothing new
 
     # --- admission -----------------------------------------------------------------------------------------------
     def check_model(self, requested: str | None) -> None:
@@ -62,6 +74,9 @@ class ChatService:
             )
 
     def require_ready(self) -> None:
+        if self.draining:
+            raise ServiceUnavailable("the server is shutting down; retry on another replica or shortly",
+                                     retry_after=LOADING_RETRY_AFTER_S)
         engine = self._engine
         if engine.state is EngineState.LOADING:
             raise ServiceUnavailable(
@@ -75,11 +90,20 @@ class ChatService:
 
         `image_param` names the field images came from in errors, for endpoints whose body is not `messages`.
         """
+        arrived = time.monotonic()
         self.check_model(body.model)
         self.require_ready()
+        if self._engine.waiting >= self._settings.max_waiting_requests:
+            raise RateLimited(f"the server is at capacity ({self._engine.waiting} requests waiting); retry shortly",
+                              code="server_overloaded", retry_after=2)
+        if self._settings.log_message_contents:
+            log.debug("request messages: %s", [m.model_dump() for m in body.messages])
+        record = current_request.get()
+        if record is not None:
+            record.model = self._settings.model_name
         turns = await self._turns(body.messages, image_param)
         prompt = await asyncio.to_thread(self._builder().build, turns)
-        return GenerationRequest(completion_id(), prompt, self._sampling(body, prompt))
+        return GenerationRequest(completion_id(), prompt, self._sampling(body, prompt), arrived=arrived)
 
     def _builder(self) -> PromptBuilder:
         if self._prompt_builder is None:
@@ -157,16 +181,12 @@ class ChatService:
     # --- answering -----------------------------------------------------------------------------------------------
     async def complete(self, request: GenerationRequest) -> ChatCompletion:
         """Run to the end and answer in one `chat.completion`."""
-        stream = self._engine.submit(request)
         texts: list[str] = []
         try:
-            while True:
-                output = await _next_or_fail(stream)
+            async for output in self._outputs(request):
                 texts.append(output.text)
-                if output.finish_reason:
-                    break
-        finally:
-            stream.cancel()
+        except EngineFailure as exc:
+            raise InternalError(f"generation failed: {exc}", code="engine_error") from exc
         return ChatCompletion(
             id=request.request_id,
             created=now(),
@@ -181,43 +201,80 @@ class ChatService:
         While no token is ready (queued, or a long prefill) a comment line keeps idle-timeout proxies from cutting
         the stream. Closing this generator (client gone) cancels the engine request.
         """
-        stream = self._engine.submit(request)
         created = now()
 
-        def chunk(delta: Delta, finish_reason: str | None = None) -> str:
-            choice = ChunkChoice(delta=delta, finish_reason=finish_reason)
+        def chunk(delta: Delta, finish_reason: str | None = None, usage: Usage | None = None) -> str:
+            choices = [] if usage else [ChunkChoice(delta=delta, finish_reason=finish_reason)]
             return _sse(ChatCompletionChunk(id=request.request_id, created=created, model=self._settings.model_name,
-                                            choices=[choice]))
+                                            choices=choices, usage=usage))
 
+        yield chunk(Delta(role="assistant", content=""))
         try:
-            yield chunk(Delta(role="assistant", content=""))
-            while True:
-                try:
-                    output = await stream.next(timeout=self._settings.stream_heartbeat_seconds)
-                except TimeoutError:
+            async for output in self._outputs(request, heartbeat=self._settings.stream_heartbeat_seconds):
+                if output is None:
                     yield ": keep-alive\n\n"
                     continue
                 if output.text:
                     yield chunk(Delta(content=output.text))
                 if output.finish_reason:
                     yield chunk(Delta(), output.finish_reason)
-                    break
-            if include_usage:
-                yield _sse(ChatCompletionChunk(id=request.request_id, created=created, model=self._settings.model_name,
-                                               choices=[], usage=_usage(request, output.completion_tokens)))
-        except EngineFailure as exc:
-            error = InternalError(f"generation failed: {exc}")
-            yield _sse(ErrorResponse(error=ErrorBody(message=error.message, type=error.error_type, code="engine_error")))
-        finally:
-            stream.cancel()
+                    if include_usage:
+                        yield chunk(Delta(), usage=_usage(request, output.completion_tokens))
+        except (EngineFailure, RequestTimedOut) as exc:
+            error = exc if isinstance(exc, RequestTimedOut) else InternalError(f"generation failed: {exc}",
+                                                                                  code="engine_error")
+            yield _sse(ErrorResponse(error=ErrorBody(message=error.message, type=error.error_type, code=error.code)))
         yield "data: [DONE]\n\n"
 
+    async def _outputs(self, request: GenerationRequest, heartbeat: float | None = None):
+        """The engine's outputs for one request, with the request timeout, metrics and the log record kept.
 
-async def _next_or_fail(stream: RequestStream):
-    try:
-        return await stream.next()
-    except EngineFailure as exc:
-        raise InternalError(f"generation failed: {exc}", code="engine_error") from exc
+        Yields None whenever `heartbeat` seconds pass without output. Leaving early cancels the engine request.
+        """
+        timeout = self._settings.request_timeout_seconds
+        deadline = request.arrived + timeout
+        metrics, record = self._metrics, current_request.get()
+        stream = self._engine.submit(request)
+        last = None
+        try:
+            while True:
+                remaining = deadline - time.monotonic()
+                try:
+                    output = await stream.next(timeout=max(min(remaining, heartbeat or remaining), 0))
+                except TimeoutError:
+                    if time.monotonic() < deadline:
+                        if heartbeat:
+                            yield None
+                        continue
+                    raise RequestTimedOut(f"the generation was stopped at the {timeout:g} s request timeout",
+                                          code="request_timeout") from None
+                arrived_at = time.monotonic()
+                if last is None:
+                    metrics.time_to_first_token.observe(arrived_at - request.arrived)
+                    if record is not None:
+                        record.ttft_ms = round((arrived_at - request.arrived) * 1e3, 1)
+                else:
+                    metrics.inter_token_latency.observe(arrived_at - last)
+                last = arrived_at
+                if output.finish_reason:
+                    self._finished(request, output, arrived_at)
+                yield output
+                if output.finish_reason:
+                    return
+        finally:
+            stream.cancel()
+
+    def _finished(self, request: GenerationRequest, output: GenerationOutput, at: float) -> None:
+        metrics = self._metrics
+        metrics.e2e_latency.observe(at - request.arrived)
+        metrics.prompt_tokens.inc(request.prompt.num_tokens)
+        metrics.generation_tokens.inc(output.completion_tokens)
+        metrics.request_success.labels(output.finish_reason).inc()
+        record = current_request.get()
+        if record is not None:
+            record.prompt_tokens = request.prompt.num_tokens
+            record.completion_tokens = output.completion_tokens
+            record.finish_reason = output.finish_reason
 
 
 def _pick(value: float | None, defaults: dict[str, float], name: str, fallback: float) -> float:

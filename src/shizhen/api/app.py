@@ -14,11 +14,15 @@ from fastapi.middleware.cors import CORSMiddleware
 from ..config import Settings
 from ..engine.engine import Engine, EngineConfig
 from ..engine.loader import load_model
+from ..observability.metrics import ServerMetrics
+from ..observability.requests import RequestObserver
 from ..serving import ChatService, is_random_test_model
 from . import chat, health, models, vision
+from . import metrics as metrics_routes
 from .auth import require_api_key
 from .body_limit import BodySizeLimit
 from .errors import install_error_handlers
+from .rate_limit import RateLimiter, enforce_rate_limit
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +35,13 @@ def create_app(settings: Settings, model_source: str | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         engine = Engine(partial(load_model_from_settings, source, settings), engine_config(settings))
         app.state.engine = engine
-        app.state.chat = ChatService(settings, engine)
+        app.state.chat = ChatService(settings, engine, metrics)
+        metrics.watch_engine(
+            running=lambda: engine.running,
+            waiting=lambda: engine.waiting,
+            kv_usage=lambda: engine.running / engine.slots if engine.slots else 0.0,
+            load_seconds=lambda: engine.load_seconds,
+        )
         if is_random_test_model(source):
             log.warning("serving a RANDOM TEST MODEL from %s: its answers are gibberish", source)
         engine.start()
@@ -40,9 +50,15 @@ def create_app(settings: Settings, model_source: str | None = None) -> FastAPI:
         await app.state.chat.images.aclose()
 
     app = FastAPI(title="ShizhenGPT API", version="0.1.0", lifespan=lifespan)
+    metrics = ServerMetrics()
+    app.state.metrics = metrics
+    app.state.rate_limiter = (
+        RateLimiter(settings.rate_limit, settings.rate_limit_storage_url) if settings.rate_limit else None
+    )
     app.state.settings = settings
     app.state.model_source = source
     app.state.started = time.monotonic()
+    app.state.in_flight = 0  # model requests being answered (RequestObserver counts them; draining waits on them)
     app.state.created = time.time()
     app.state.limits = {
         "max_images_per_request": settings.max_images_per_request,
@@ -60,10 +76,14 @@ def create_app(settings: Settings, model_source: str | None = None) -> FastAPI:
         allow_origins=settings.cors_allowed_origins,
         allow_methods=["GET", "POST", "OPTIONS"],
         allow_headers=["*"],
-        expose_headers=["Retry-After", "X-Request-ID"],
+        expose_headers=["Retry-After", "X-Request-ID", "x-ratelimit-limit-requests",
+                        "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"],
     )
+    app.add_middleware(RequestObserver, metrics=metrics)
     app.include_router(health.router)
-    api = APIRouter(dependencies=[Depends(require_api_key)])
+    metrics_guard = [Depends(require_api_key)] if settings.metrics_require_api_key else []
+    app.include_router(metrics_routes.router, dependencies=metrics_guard)
+    api = APIRouter(dependencies=[Depends(require_api_key), Depends(enforce_rate_limit)])
     api.include_router(models.router)
     api.include_router(chat.router)
     api.include_router(vision.router)

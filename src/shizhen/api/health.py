@@ -32,6 +32,8 @@ async def health(request: Request, settings: AppSettings, engine: EngineDep) -> 
         return JSONResponse(body, status_code=503, headers={"Retry-After": "10"})
     if engine.state is EngineState.FAILED:
         return JSONResponse(body | {"error": engine.error}, status_code=503)
+    if request.app.state.chat.draining:
+        return JSONResponse(body | {"status": "draining"}, status_code=503)
     loaded = engine.loaded
     body |= {
         "device": str(loaded.device),

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from .prompt import PromptInputs
 from .sampling import SamplingParams
@@ -15,6 +16,7 @@ class GenerationRequest:
     request_id: str
     prompt: PromptInputs
     sampling: SamplingParams
+    arrived: float = field(default_factory=time.monotonic)  # when the client's request came in
 
 
 @dataclass(frozen=True)

@@ -10,12 +10,14 @@ import asyncio
 import base64
 import binascii
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from PIL import Image
 
 from ..config import Settings
 from ..errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from ..observability.metrics import ServerMetrics
 from .decode import ImageLimits, decode_image
 from .fetch import FetchPolicy, ImageFetcher
 
@@ -23,7 +25,8 @@ _DATA_URL = re.compile(r"^data:(?P<mime>[^;,]*)(?P<params>(;[^;,]*)*?);base64,",
 
 
 class ImageIntake:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, metrics: ServerMetrics):
+        self._metrics = metrics
         self.limits = ImageLimits(
             max_bytes=settings.max_image_bytes,
             max_decoded_pixels=settings.max_image_decoded_pixels,
@@ -47,10 +50,11 @@ class ImageIntake:
             raw = await loop.run_in_executor(self._pool, data_url_bytes, url, self.limits.max_bytes, param)
         else:
             raw = await self._fetcher.fetch(url, param)
-        return await loop.run_in_executor(self._pool, decode_image, raw, self.limits, param)
-
-    async def load_bytes(self, raw: bytes, param: str) -> Image.Image:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, decode_image, raw, self.limits, param)
+        started = time.perf_counter()
+        image = await loop.run_in_executor(self._pool, decode_image, raw, self.limits, param)
+        self._metrics.image_decode_seconds.observe(time.perf_counter() - started)
+        self._metrics.image_bytes.observe(len(raw))
+        return image
 
     async def aclose(self) -> None:
         await self._fetcher.aclose()
