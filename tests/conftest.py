@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from PIL import Image
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
 from shizhen.api.app import create_app
+from shizhen.engine.prompt import PromptBuilder
 from shizhen.config import Settings
 from shizhen.tiny_checkpoint import build_tiny_checkpoint
 
@@ -153,3 +155,36 @@ def generate_greedy(checkpoint, messages, images, max_new_tokens) -> tuple[str, 
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     new_tokens = output[0, inputs["input_ids"].shape[1] :]
     return processor.tokenizer.decode(new_tokens, skip_special_tokens=True), len(new_tokens)
+
+
+def hold_loading(tiny_checkpoint: Path, folder: Path) -> tuple[Path, threading.Event]:
+    """A copy of the checkpoint whose config.json is a FIFO: loading blocks reading it until `release` is set."""
+    shutil.copytree(tiny_checkpoint, folder)
+    config = (folder / "config.json").read_bytes()
+    (folder / "config.json").unlink()
+    os.mkfifo(folder / "config.json")
+    release = threading.Event()
+
+    def feed():
+        with open(folder / "config.json", "wb") as pipe:  # returns once the loader has opened it to read
+            (folder / "config.json").unlink()
+            (folder / "config.json").write_bytes(config)  # later reads get a plain file
+            release.wait()
+            pipe.write(config)
+
+    threading.Thread(target=feed, daemon=True).start()
+    return folder, release
+
+
+@pytest.fixture
+def received_images(monkeypatch):
+    """The images the model is given, captured where the prompt is built (the processor's input)."""
+    seen: list[Image.Image] = []
+    original = PromptBuilder.build
+
+    def spy(self, turns):
+        seen.extend(part for turn in turns for part in turn.parts if isinstance(part, Image.Image))
+        return original(self, turns)
+
+    monkeypatch.setattr(PromptBuilder, "build", spy)
+    return seen

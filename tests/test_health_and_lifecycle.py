@@ -2,39 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import threading
 import time
-from pathlib import Path
 
 import httpx
+from conftest import hold_loading
 
 USER = {"role": "user", "content": "舌"}
 LONG = {"messages": [USER], "max_tokens": 1500, "ignore_eos": True}
 
 
-def _hold_loading(tiny_checkpoint: Path, folder: Path) -> tuple[Path, threading.Event]:
-    """A copy of the checkpoint whose config.json is a FIFO: loading blocks reading it until `release` is set."""
-    shutil.copytree(tiny_checkpoint, folder)
-    config = (folder / "config.json").read_bytes()
-    (folder / "config.json").unlink()
-    os.mkfifo(folder / "config.json")
-    release = threading.Event()
-
-    def feed():
-        with open(folder / "config.json", "wb") as pipe:  # returns once the loader has opened it to read
-            (folder / "config.json").unlink()
-            (folder / "config.json").write_bytes(config)  # later reads get a plain file
-            release.wait()
-            pipe.write(config)
-
-    threading.Thread(target=feed, daemon=True).start()
-    return folder, release
-
-
 def test_loading_then_ready(start_server, tiny_checkpoint, tmp_path):
-    folder, release = _hold_loading(tiny_checkpoint, tmp_path / "held")
+    folder, release = hold_loading(tiny_checkpoint, tmp_path / "held")
     server = start_server(wait=False, model=str(folder))
     try:
         with server.client() as http:

@@ -16,7 +16,6 @@ import pytest
 from conftest import image_data_url, tongue_photo
 from PIL import Image
 
-from shizhen.engine.prompt import PromptBuilder
 
 USER_TEXT = {"type": "text", "text": "请从中医角度解读这张舌苔。"}
 
@@ -35,20 +34,6 @@ def _ask(http, url: str, **extra):
     body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, USER_TEXT]}],
             "max_tokens": 2} | extra
     return http.post("/v1/chat/completions", json=body)
-
-
-@pytest.fixture
-def received_images(monkeypatch):
-    """The images the model is given, captured where the prompt is built (the processor's input)."""
-    seen: list[Image.Image] = []
-    original = PromptBuilder.build
-
-    def spy(self, turns):
-        seen.extend(part for turn in turns for part in turn.parts if isinstance(part, Image.Image))
-        return original(self, turns)
-
-    monkeypatch.setattr(PromptBuilder, "build", spy)
-    return seen
 
 
 def _red_over_blue(width=120, height=80) -> Image.Image:

@@ -17,7 +17,7 @@ from ..engine.loader import load_model
 from ..observability.metrics import ServerMetrics
 from ..observability.requests import RequestObserver
 from ..serving import ChatService, is_random_test_model
-from . import chat, health, models, vision
+from . import chat, health, models, page, vision
 from . import metrics as metrics_routes
 from .auth import require_api_key
 from .body_limit import BodySizeLimit
@@ -81,6 +81,7 @@ def create_app(settings: Settings, model_source: str | None = None) -> FastAPI:
     )
     app.add_middleware(RequestObserver, metrics=metrics)
     app.include_router(health.router)
+    app.include_router(page.router)
     metrics_guard = [Depends(require_api_key)] if settings.metrics_require_api_key else []
     app.include_router(metrics_routes.router, dependencies=metrics_guard)
     api = APIRouter(dependencies=[Depends(require_api_key), Depends(enforce_rate_limit)])

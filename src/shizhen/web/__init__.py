@@ -1,0 +1,1 @@
+"""The consultation page served at `/`: one static file, no build step, no requests but to its own server."""
