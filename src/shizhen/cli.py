@@ -16,6 +16,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="shizhen", description="Serve ShizhenGPT behind an OpenAI-compatible API.")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("serve", help="run the API server (flags: shizhen serve --help)", add_help=False)
+    commands.add_parser("download", help="fetch the model into the cache (settings as for serve)", add_help=False)
+    verify = commands.add_parser("verify", help="check the cached model, repairing what is wrong", add_help=False)
+    verify.add_argument("--full", action="store_true", help="also check every file's SHA-256")
     tiny = commands.add_parser("build-tiny-checkpoint", help="write a tiny random-weight Qwen2.5-VL checkpoint")
     tiny.add_argument("target", type=Path)
     args, rest = parser.parse_known_args(argv)
@@ -24,7 +27,27 @@ def main(argv: list[str] | None = None) -> int:
 
         print(build_tiny_checkpoint(args.target))
         return 0
+    if args.command in ("download", "verify"):
+        return store_command(args.command, load_settings(rest), full=getattr(args, "full", False))
     return serve(rest)
+
+
+def store_command(command: str, settings: Settings, full: bool) -> int:
+    """`download`: fetch what is missing and verify; `verify`: check (fast, or --full hashes) and repair once."""
+    from .store import StoreError, model_store
+
+    configure_logging(settings.log_level, settings.log_json)
+    store = model_store(settings)
+    try:
+        if command == "download":
+            print(store.ensure())
+        else:
+            problems = store.repair(full=full)
+            print("repaired: " + "; ".join(f"{p.name} ({p.reason})" for p in problems) if problems else "ok")
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def load_settings(cli_args: list[str]) -> Settings:

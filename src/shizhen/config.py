@@ -66,6 +66,18 @@ class Settings(BaseSettings):
         8192, ge=16, description="Prompt tokens prefilled between two decode steps (at least one prompt)."
     )
 
+    # --- the model store (hub downloads) ---------------------------------------------------------------------------
+    hf_endpoint: str | None = Field(
+        None, validation_alias=AliasChoices("hf_endpoint", "SHIZHEN_HF_ENDPOINT", "HF_ENDPOINT"),
+        description="The hub's address (HF_ENDPOINT); default https://huggingface.co.",
+    )
+    hf_token: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("hf_token", "SHIZHEN_HF_TOKEN", "HF_TOKEN"),
+        description="Hub token for gated or private checkpoints (HF_TOKEN); never printed.",
+    )
+    download_attempts: int = Field(5, ge=1, description="Tries per file on connection errors, 429 and 5xx.")
+    download_backoff_seconds: float = Field(2.0, ge=0, description="First retry delay; doubled each time.")
+
     # --- HTTP ---------------------------------------------------------------------------------------------------
     host: str = "0.0.0.0"
     port: int = Field(8000, ge=1, le=65535)

@@ -7,6 +7,7 @@ import logging
 import time
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -17,6 +18,7 @@ from ..engine.loader import load_model
 from ..observability.metrics import ServerMetrics
 from ..observability.requests import RequestObserver
 from ..serving import ChatService, is_random_test_model
+from ..store import model_store
 from . import chat, health, models, page, vision
 from . import metrics as metrics_routes
 from .auth import require_api_key
@@ -103,11 +105,13 @@ def engine_config(settings: Settings) -> EngineConfig:
 
 
 def load_model_from_settings(source: str, settings: Settings, report_phase):
+    """A local folder loads as it is; a hub id goes through the model store (download once, verify, repair)."""
+    if not Path(source).is_dir():
+        source = str(model_store(settings, report_phase).ensure())
     return load_model(
         source,
         dtype=settings.dtype,
         device_map=settings.device_map,
         max_memory=settings.max_memory,
-        cache_dir=str(settings.hub_cache_dir) if settings.hub_cache_dir else None,
         report_phase=report_phase,
     )

@@ -43,7 +43,6 @@ def load_model(
     dtype: str = "auto",
     device_map: str = "auto",
     max_memory: dict[str, str] | None = None,
-    cache_dir: str | None = None,
     report_phase: Callable[[str], None] = lambda phase: None,
 ) -> LoadedModel:
     torch_dtype = resolve_dtype(dtype)
@@ -51,10 +50,10 @@ def load_model(
         device_map, max_memory = "cpu", None  # a GPU map or memory cap means nothing without a GPU
     max_memory = {int(k) if k.isdigit() else k: v for k, v in (max_memory or {}).items()} or None
     report_phase(f"loading processor from {source}")
-    processor = AutoProcessor.from_pretrained(source, cache_dir=cache_dir)
+    processor = AutoProcessor.from_pretrained(source)
     report_phase(f"loading weights from {source} ({torch_dtype}, device_map={device_map})")
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        source, dtype=torch_dtype, device_map=device_map, max_memory=max_memory, cache_dir=cache_dir
+        source, dtype=torch_dtype, device_map=device_map, max_memory=max_memory
     )
     model.eval()
     config = model.generation_config

@@ -1,0 +1,115 @@
+"""A local stand-in for the Hugging Face Hub: serves a checkpoint folder the way the hub serves files (repo
+metadata with sizes and LFS hashes, `resolve` URLs with commit/ETag/size headers, Range requests) and injects the
+faults the model store must survive."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+
+class StandInHub:
+    def __init__(self, repo_id: str, folder: Path):
+        self.repo_id = repo_id
+        self.files = {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file()}
+        self.commit = hashlib.sha1("".join(sorted(self.files)).encode()).hexdigest()
+        self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
+        self.fail_next = 0  # answer this many requests with 503
+        self.drop_once: dict[str, int] = {}  # file → bytes sent before the connection is cut, once
+        self.corrupt: dict[str, int] = {}  # file → times its bytes are served flipped (same length)
+        self.advertised_size: dict[str, int] = {}  # file → size claimed in the metadata
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):  # noqa: N802
+                hub._handle(self, body=True)
+
+            def do_HEAD(self):  # noqa: N802
+                hub._handle(self, body=False)
+
+            def log_message(self, *args):
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self._server.server_port}"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def lfs(self, name: str) -> bool:
+        return name.endswith(".safetensors")
+
+    def _handle(self, request: BaseHTTPRequestHandler, body: bool) -> None:
+        path = request.path.split("?")[0]
+        self.requests.append((request.command, path, request.headers.get("Range")))
+        if self.fail_next > 0:
+            self.fail_next -= 1
+            return self._send(request, 503, b'{"error": "overloaded"}', {"Content-Type": "application/json"}, body)
+        if path.startswith(f"/api/models/{self.repo_id}"):
+            return self._send(request, 200, json.dumps(self._metadata()).encode(),
+                              {"Content-Type": "application/json"}, body)
+        match = re.match(rf"^/{re.escape(self.repo_id)}/resolve/[^/]+/(.+)$", path)
+        if not match or match[1] not in self.files:
+            return self._send(request, 404, b"not found", {"X-Error-Code": "EntryNotFound"}, body)
+        self._send_file(request, match[1], body)
+
+    def _metadata(self) -> dict:
+        siblings = []
+        for name, data in self.files.items():
+            size = self.advertised_size.get(name, len(data))
+            entry = {"rfilename": name, "size": size, "blobId": hashlib.sha1(data).hexdigest()}
+            if self.lfs(name):
+                entry["lfs"] = {"size": size, "sha256": hashlib.sha256(data).hexdigest(), "pointerSize": 134}
+            siblings.append(entry)
+        return {"id": self.repo_id, "modelId": self.repo_id, "sha": self.commit, "siblings": siblings}
+
+    def _send_file(self, request: BaseHTTPRequestHandler, name: str, body: bool) -> None:
+        data = self.files[name]
+        etag = hashlib.sha256(data).hexdigest() if self.lfs(name) else hashlib.sha1(data).hexdigest()
+        headers = {"X-Repo-Commit": self.commit, "ETag": f'"{etag}"', "Accept-Ranges": "bytes",
+                   "Content-Type": "application/octet-stream"}
+        if self.lfs(name):
+            headers |= {"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(len(data))}
+        if body and self.corrupt.get(name, 0) > 0:
+            self.corrupt[name] -= 1
+            data = data[:-64] + bytes(b ^ 0xFF for b in data[-64:])  # the tensor data, not the header
+        start = 0
+        if body and (wanted := request.headers.get("Range")):
+            start = int(re.match(r"bytes=(\d+)-", wanted)[1])
+            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+        part = data[start:]
+        status = 206 if start else 200
+        if not body:
+            return self._send(request, status, b"", headers | {"Content-Length": str(len(data))}, False)
+        cut = self.drop_once.pop(name, None)
+        if cut is not None:
+            request.send_response(status)
+            for key, value in (headers | {"Content-Length": str(len(part))}).items():
+                request.send_header(key, value)
+            request.end_headers()
+            request.wfile.write(part[:cut])
+            request.wfile.flush()
+            request.close_connection = True
+            request.connection.shutdown(2)
+            return
+        self._send(request, status, part, headers, True)
+
+    @staticmethod
+    def _send(request, status: int, payload: bytes, headers: dict, body: bool) -> None:
+        request.send_response(status)
+        for key, value in headers.items():
+            request.send_header(key, value)
+        if "Content-Length" not in headers:
+            request.send_header("Content-Length", str(len(payload)))
+        request.end_headers()
+        if body:
+            request.wfile.write(payload)
