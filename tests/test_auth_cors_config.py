@@ -56,12 +56,13 @@ def test_cors_can_be_restricted(start_server):
 def test_settings_read_env_and_cli_flags_override(monkeypatch):
     monkeypatch.setenv("SHIZHEN_PORT", "9001")
     monkeypatch.setenv("SHIZHEN_API_KEYS", "a, b")
-    monkeypatch.setenv("SHIZHEN_MAX_MEMORY", '{"0": "75GiB"}')
+    monkeypatch.setenv("SHIZHEN_MAX_MEMORY", "0=75GiB,cpu=100GiB")
     monkeypatch.setenv("HF_HOME", "/workspace/models")
     settings = Settings(_cli_parse_args=["--port", "9002", "--served-model-name", "shizhen"])
     assert settings.port == 9002 and settings.model_name == "shizhen"
     assert [k.get_secret_value() for k in settings.api_keys] == ["a", "b"]
-    assert settings.max_memory == {"0": "75GiB"}
+    assert settings.max_memory == {"0": "75GiB", "cpu": "100GiB"}
+    assert Settings(max_memory='{"0": "75GiB"}').max_memory == {"0": "75GiB"}
     assert str(settings.hub_cache_dir) == "/workspace/models/hub"
     assert settings.model == "FreedomIntelligence/ShizhenGPT-32B-VL"
     assert "b" not in repr(settings.api_keys)

@@ -19,6 +19,11 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("download", help="fetch the model into the cache (settings as for serve)", add_help=False)
     verify = commands.add_parser("verify", help="check the cached model, repairing what is wrong", add_help=False)
     verify.add_argument("--full", action="store_true", help="also check every file's SHA-256")
+    deploy = commands.add_parser("deploy", help="RunPod: up | status | stop | start | down | logs")
+    deploy.add_argument("action", choices=["up", "status", "stop", "start", "down", "logs"])
+    deploy.add_argument("--recreate", action="store_true", help="start: recreate the pod if its host has no GPU")
+    deploy.add_argument("--delete-volume", action="store_true", help="down: also delete the volume and its model")
+    commands.add_parser("cost", help="what the pod costs: testing, 12 h/day, 24/7")
     tiny = commands.add_parser("build-tiny-checkpoint", help="write a tiny random-weight Qwen2.5-VL checkpoint")
     tiny.add_argument("target", type=Path)
     args, rest = parser.parse_known_args(argv)
@@ -27,9 +32,46 @@ def main(argv: list[str] | None = None) -> int:
 
         print(build_tiny_checkpoint(args.target))
         return 0
+    if args.command in ("deploy", "cost"):
+        return deploy_command(args, rest)
     if args.command in ("download", "verify"):
         return store_command(args.command, load_settings(rest), full=getattr(args, "full", False))
     return serve(rest)
+
+
+def deploy_command(args, rest: list[str]) -> int:
+    """RunPod commands; the server's settings (model, keys, CORS, auto-stop) come from the same environment."""
+    from .deploy import commands
+    from .deploy.runpod_client import DeployError, RunPodClient
+    from .deploy.settings import DeploySettings
+
+    deploy, server = DeploySettings(), load_settings(rest)
+    try:
+        if args.command == "cost":
+            return commands.cost(deploy, RunPodClient() if _has_runpod_key() else None)
+        if args.action == "logs":
+            return commands.logs()
+        client = RunPodClient()
+        if args.action == "up":
+            return commands.up(deploy, server, client)
+        if args.action == "status":
+            return commands.status(deploy, client)
+        if args.action == "stop":
+            return commands.stop(deploy, client)
+        if args.action == "start":
+            return commands.start(deploy, server, client, recreate=args.recreate)
+        return commands.down(deploy, client, delete_volume=args.delete_volume)
+    except DeployError as exc:
+        print(f"\nerror: {exc}", file=sys.stderr)
+        return 1
+
+
+def _has_runpod_key() -> bool:
+    import os
+
+    import runpod
+
+    return bool(os.environ.get("RUNPOD_API_KEY") or runpod.api_key)
 
 
 def store_command(command: str, settings: Settings, full: bool) -> int:

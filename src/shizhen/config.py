@@ -5,6 +5,7 @@ Every limit, default and path the server uses is read from here; `.env.example` 
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Annotated, Literal
@@ -46,9 +47,9 @@ class Settings(BaseSettings):
         "auto", description="`auto`: bfloat16 where the GPU supports it, else float16; float32 on CPU."
     )
     device_map: str = Field("auto", description="Passed to from_pretrained: `auto`, `cuda:0`, `cpu`, ...")
-    max_memory: dict[str, str] | None = Field(
+    max_memory: Annotated[dict[str, str] | None, NoDecode] = Field(
         None,
-        description='Per-device memory cap for from_pretrained as JSON, e.g. {"0": "75GiB"} on an 80 GB card.',
+        description="Per-device memory cap for from_pretrained: 0=75GiB (or JSON {\"0\": \"75GiB\"}) on an 80 GB card.",
     )
     cache_dir: Path | None = Field(
         None,
@@ -105,6 +106,11 @@ class Settings(BaseSettings):
     rate_limit_storage_url: str = Field(
         "memory://", description="memory:// (this process) or redis://host:6379 (shared by replicas)."
     )
+    idle_stop_seconds: float | None = Field(
+        None, gt=0, description="On a RunPod pod: stop the pod after this long without requests (never mid-request)."
+    )
+    max_uptime_hours: float | None = Field(None, gt=0, description="On a RunPod pod: stop it after this long, always.")
+    idle_check_seconds: float = Field(30.0, gt=0, description="How often the auto-stop looks.")
     shutdown_grace_seconds: float = Field(
         30.0, ge=0, description="On SIGTERM: how long running generations may finish before the server exits."
     )
@@ -139,6 +145,16 @@ class Settings(BaseSettings):
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         return _split_csv(value)
+
+    @field_validator("max_memory", mode="before")
+    @classmethod
+    def _memory_map_text(cls, value: object) -> object:
+        """`0=75GiB,cpu=100GiB` (quote-free, as pod environments need) or JSON."""
+        if isinstance(value, str):
+            if value.strip().startswith("{"):
+                return json.loads(value)
+            return dict(item.split("=", 1) for item in _split_csv(value)) or None
+        return value
 
     @field_validator("max_memory")
     @classmethod

@@ -3,6 +3,7 @@ answer from the first second; tests build apps with their own settings."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -13,6 +14,7 @@ from fastapi import APIRouter, Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from ..config import Settings
+from ..deploy.idle import PodAutoStop
 from ..engine.engine import Engine, EngineConfig
 from ..engine.loader import load_model
 from ..observability.metrics import ServerMetrics
@@ -47,7 +49,11 @@ def create_app(settings: Settings, model_source: str | None = None) -> FastAPI:
         if is_random_test_model(source):
             log.warning("serving a RANDOM TEST MODEL from %s: its answers are gibberish", source)
         engine.start()
+        auto_stop = PodAutoStop.for_this_pod(app.state, settings)
+        auto_stop_task = asyncio.create_task(auto_stop.run()) if auto_stop else None
         yield
+        if auto_stop_task is not None:
+            auto_stop_task.cancel()
         engine.stop()
         await app.state.chat.images.aclose()
 
@@ -61,6 +67,7 @@ def create_app(settings: Settings, model_source: str | None = None) -> FastAPI:
     app.state.model_source = source
     app.state.started = time.monotonic()
     app.state.in_flight = 0  # model requests being answered (RequestObserver counts them; draining waits on them)
+    app.state.last_activity = time.monotonic()  # when one last started or ended (the idle auto-stop reads it)
     app.state.created = time.time()
     app.state.limits = {
         "max_images_per_request": settings.max_images_per_request,

@@ -67,6 +67,7 @@ class RequestObserver:
         state = scope["app"].state
         if counted:
             state.in_flight += 1
+            state.last_activity = time.monotonic()
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -82,6 +83,7 @@ class RequestObserver:
         finally:
             if counted:
                 state.in_flight -= 1
+                state.last_activity = time.monotonic()
             current_request.reset(token)
             record.total_ms = round((time.perf_counter() - record.started) * 1e3, 1)
             route = scope.get("route")

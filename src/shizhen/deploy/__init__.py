@@ -1,0 +1,1 @@
+"""RunPod deployment: pod and volume lifecycle, readiness wait, idle auto-stop, cost."""

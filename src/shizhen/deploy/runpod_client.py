@@ -1,0 +1,128 @@
+"""RunPod through the official `runpod` SDK (it reads `RUNPOD_API_BASE_URL`), with errors a person can act on.
+
+The key comes from `RUNPOD_API_KEY` or the SDK's own config (`runpod config`); it is never printed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import runpod
+from runpod import error as runpod_error
+from runpod.api.graphql import run_graphql_query
+
+NO_CAPACITY = "no longer any instances available"
+NO_GPUS_ON_HOST = "not enough free gpus"
+
+
+class DeployError(RuntimeError):
+    """A deployment step failed; the message says what to do."""
+
+
+class NoGpusOnResume(DeployError):
+    """The stopped pod's host has no free GPU: its volume stays, the pod must be recreated elsewhere."""
+
+
+@dataclass(frozen=True)
+class PodSpec:
+    name: str
+    image: str
+    gpu_type: str
+    gpu_count: int
+    cloud_type: str
+    container_disk_gb: int
+    volume_id: str
+    data_center: str
+    port: int
+    env: dict[str, str]
+    docker_args: str
+
+
+class RunPodClient:
+    def __init__(self, api_key: str | None = None):
+        self._api_key = api_key or os.environ.get("RUNPOD_API_KEY") or runpod.api_key
+        if not self._api_key:
+            raise DeployError("no RunPod API key: set RUNPOD_API_KEY or run `runpod config`")
+        runpod.api_key = self._api_key  # the SDK's mutations read the module-level key
+
+    def _graphql(self, query: str) -> dict:
+        return self._call(run_graphql_query, query, api_key=self._api_key)["data"]
+
+    @staticmethod
+    def _call(function, *args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except runpod_error.AuthenticationError:
+            raise DeployError("RunPod refused the API key (401): check RUNPOD_API_KEY") from None
+        except runpod_error.QueryError as exc:
+            raise DeployError(f"RunPod: {exc}") from None
+
+    # --- volumes ---------------------------------------------------------------------------------------------------
+    def ensure_volume(self, name: str, size_gb: int, data_center: str | None) -> tuple[str, str]:
+        """The id and data centre of the network volume called `name`, created if there is none."""
+        volumes = self._graphql("query { myself { networkVolumes { id name size dataCenterId } } }")
+        for volume in volumes["myself"]["networkVolumes"] or []:
+            if volume["name"] == name:
+                if data_center and volume["dataCenterId"] != data_center:
+                    raise DeployError(
+                        f"volume {name!r} is in data centre {volume['dataCenterId']}, not {data_center}: deploy "
+                        f"there (SHIZHEN_DEPLOY_DATA_CENTER={volume['dataCenterId']}) or choose another volume name")
+                return volume["id"], volume["dataCenterId"]
+        if not data_center:
+            raise DeployError(f"volume {name!r} does not exist yet: set SHIZHEN_DEPLOY_DATA_CENTER to create it")
+        created = self._graphql(
+            f'mutation {{ createNetworkVolume(input: {{name: "{name}", size: {size_gb}, '
+            f'dataCenterId: "{data_center}"}}) {{ id name size dataCenterId }} }}')["createNetworkVolume"]
+        return created["id"], created["dataCenterId"]
+
+    # --- pods ------------------------------------------------------------------------------------------------------
+    def create_pod(self, spec: PodSpec) -> str:
+        try:
+            pod = runpod.create_pod(
+                spec.name, spec.image, spec.gpu_type, cloud_type=spec.cloud_type, gpu_count=spec.gpu_count,
+                container_disk_in_gb=spec.container_disk_gb, network_volume_id=spec.volume_id,
+                data_center_id=spec.data_center, ports=f"{spec.port}/http", volume_mount_path="/workspace",
+                env=spec.env, docker_args=spec.docker_args, support_public_ip=True, start_ssh=True,
+            )
+        except runpod_error.AuthenticationError:
+            raise DeployError("RunPod refused the API key (401): check RUNPOD_API_KEY") from None
+        except ValueError:  # the SDK's check that the GPU type exists
+            raise DeployError(f"RunPod has no GPU type {spec.gpu_type!r}; types: {self._gpu_names()}") from None
+        except runpod_error.QueryError as exc:
+            if NO_CAPACITY in str(exc).lower():
+                raise DeployError(f"no {spec.gpu_type} is free in {spec.data_center} right now; other GPU types: "
+                                  f"{self._gpu_names()} (SHIZHEN_DEPLOY_GPU_TYPE), or try later") from None
+            raise DeployError(f"RunPod: {exc}") from None
+        return pod["id"]
+
+    def pod(self, pod_id: str) -> dict | None:
+        return self._call(runpod.get_pod, pod_id)
+
+    def find_pod(self, name: str) -> dict | None:
+        return next((p for p in self._call(runpod.get_pods) if p["name"] == name), None)
+
+    def stop_pod(self, pod_id: str) -> None:
+        self._call(runpod.stop_pod, pod_id)
+
+    def resume_pod(self, pod_id: str, gpu_count: int) -> None:
+        try:
+            runpod.resume_pod(pod_id, gpu_count)
+        except runpod_error.QueryError as exc:
+            if NO_GPUS_ON_HOST in str(exc).lower():
+                raise NoGpusOnResume(f"RunPod resumed pod {pod_id} with zero GPUs: its host has none free") from None
+            raise DeployError(f"RunPod: {exc}") from None
+
+    def terminate_pod(self, pod_id: str) -> None:
+        self._call(runpod.terminate_pod, pod_id)
+
+    def terminate_volume(self, volume_id: str) -> None:
+        self._graphql(f'mutation {{ deleteNetworkVolume(input: {{id: "{volume_id}"}}) }}')
+
+    def gpu_price(self, gpu_type: str) -> float | None:
+        """On-demand $/hour of one GPU of this type in the secure cloud, if the API gives it."""
+        gpu = self._call(runpod.get_gpu, gpu_type)
+        return gpu.get("securePrice") or (gpu.get("lowestPrice") or {}).get("uninterruptablePrice")
+
+    def _gpu_names(self) -> str:
+        return ", ".join(gpu["id"] for gpu in self._call(runpod.get_gpus) if gpu.get("memoryInGb", 0) >= 24)
