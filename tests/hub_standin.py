@@ -22,6 +22,8 @@ class StandInHub:
         self.drop_once: dict[str, int] = {}  # file → bytes sent before the connection is cut, once
         self.corrupt: dict[str, int] = {}  # file → times its bytes are served flipped (same length)
         self.advertised_size: dict[str, int] = {}  # file → size claimed in the metadata
+        self.stall: dict[str, threading.Event] = {}  # file → its body waits until the event is set
+        self.authorizations: list[str | None] = []  # the Authorization header of every request
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -51,6 +53,7 @@ class StandInHub:
     def _handle(self, request: BaseHTTPRequestHandler, body: bool) -> None:
         path = request.path.split("?")[0]
         self.requests.append((request.command, path, request.headers.get("Range")))
+        self.authorizations.append(request.headers.get("Authorization"))
         if self.fail_next > 0:
             self.fail_next -= 1
             return self._send(request, 503, b'{"error": "overloaded"}', {"Content-Type": "application/json"}, body)
@@ -90,6 +93,8 @@ class StandInHub:
         status = 206 if start else 200
         if not body:
             return self._send(request, status, b"", headers | {"Content-Length": str(len(data))}, False)
+        if name in self.stall:
+            self.stall[name].wait(30)
         cut = self.drop_once.pop(name, None)
         if cut is not None:
             request.send_response(status)

@@ -140,6 +140,27 @@ def test_download_and_verify_commands(hub, tmp_path):
     assert download.returncode == 0, download.stderr
     assert download.stdout.strip().endswith(hub.commit)
     assert "hf_secret_token_value" not in download.stdout + download.stderr
+    model_requests = [auth for (_, path, _), auth in zip(hub.requests, hub.authorizations)
+                      if path.startswith(("/api/models/", f"/{REPO}/resolve/"))]
+    assert set(model_requests) == {"Bearer hf_secret_token_value"}  # the token goes with every model request
     verify = subprocess.run([sys.executable, "-m", "shizhen.cli", "verify", "--full"], env=env, capture_output=True,
                             text=True, timeout=120)
     assert verify.returncode == 0 and verify.stdout.strip() == "ok", verify.stderr
+
+
+def test_health_shows_download_progress_while_the_server_waits(hub, tmp_path, start_server):
+    import threading
+
+    last_shard = _shards(hub)[-1]
+    hub.stall[last_shard] = threading.Event()
+    server = start_server(wait=False, model=REPO, cache_dir=str(tmp_path / "models"), hf_endpoint=hub.url)
+    try:
+        with server.client() as http:
+            deadline = time.monotonic() + 20
+            while last_shard not in (phase := http.get("/health").json().get("phase", "")):
+                assert time.monotonic() < deadline, phase
+                time.sleep(0.05)
+        assert phase.startswith(f"downloading {last_shard}: ") and "GiB (" in phase
+    finally:
+        hub.stall[last_shard].set()
+    assert server.wait_ready()["status"] == "ok"
