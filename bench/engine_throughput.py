@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from common import emit, write_json
 from PIL import Image
 from transformers import (
     Qwen2_5_VLConfig,
@@ -47,10 +47,6 @@ VISION_32B = dict(depth=32, hidden_size=1280, intermediate_size=3456, num_heads=
                   fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2)
 PROMPT_TOKENS, NEW_TOKENS = 200, 256
 
-
-def emit(rows: list[dict], row: dict) -> None:
-    rows.append(row)
-    print(json.dumps(row), flush=True)
 
 
 def build(args) -> tuple[LoadedModel, int]:
@@ -286,9 +282,7 @@ def main() -> None:
     if args.check:
         args.max_len = max(args.max_len, 1024)  # the image prompts plus their completions
     rows = check(args) if args.check else speed(args)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    write_json(rows, args.json)
 
 
 if __name__ == "__main__":

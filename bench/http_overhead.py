@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
+from common import emit, serve_tiny, write_json
 
 from shizhen.engine.engine import Engine, EngineConfig, EngineState
 from shizhen.engine.loader import load_model
@@ -73,25 +71,6 @@ def http_seconds(url: str, tokens: int, repeats: int, stream: bool) -> list[floa
     return timings[2:]
 
 
-def start_server(checkpoint: Path, port: int) -> subprocess.Popen:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "shizhen.cli", "serve", "--model", str(checkpoint), "--port", str(port),
-         "--host", "127.0.0.1", "--log-level", "warning",
-         "--image-min-pixels", str(PIXELS["min_pixels"]), "--image-max-pixels", str(PIXELS["max_pixels"])],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("server did not start")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=30)
@@ -102,7 +81,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = build_tiny_checkpoint(Path(folder) / "tiny")
         direct = statistics.median(direct_seconds(checkpoint, args.tokens, args.requests))
-        server = start_server(checkpoint, args.port)
+        server = serve_tiny(checkpoint, args.port, "--image-min-pixels", str(PIXELS["min_pixels"]),
+                            "--image-max-pixels", str(PIXELS["max_pixels"]))
         try:
             url = f"http://127.0.0.1:{args.port}"
             plain = statistics.median(http_seconds(url, args.tokens, args.requests, stream=False))
@@ -110,18 +90,14 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait(10)
-    rows = [
-        {"mode": "direct", "median_s": round(direct, 5), "tokens": args.tokens},
-        {"mode": "http", "median_s": round(plain, 5), "overhead_ms_per_request": round((plain - direct) * 1e3, 2)},
-        {"mode": "http_stream", "median_s": round(streamed, 5),
-         "overhead_ms_per_request": round((streamed - direct) * 1e3, 2),
-         "overhead_us_per_streamed_token": round((streamed - plain) / args.tokens * 1e6, 1)},
-    ]
-    for row in rows:
-        print(json.dumps(row))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    rows: list[dict] = []
+    emit(rows, {"mode": "direct", "median_s": round(direct, 5), "tokens": args.tokens})
+    emit(rows, {"mode": "http", "median_s": round(plain, 5),
+                "overhead_ms_per_request": round((plain - direct) * 1e3, 2)})
+    emit(rows, {"mode": "http_stream", "median_s": round(streamed, 5),
+                "overhead_ms_per_request": round((streamed - direct) * 1e3, 2),
+                "overhead_us_per_streamed_token": round((streamed - plain) / args.tokens * 1e6, 1)})
+    write_json(rows, args.json)
 
 
 if __name__ == "__main__":

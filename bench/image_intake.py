@@ -8,16 +8,14 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 import httpx
+from common import emit, serve_tiny, write_json
 from PIL import Image, ImageDraw
 
 from shizhen.config import Settings
@@ -89,21 +87,14 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     raw = phone_photo_jpeg()
-    rows = [intake_cost(raw, args.repeats)]
+    rows: list[dict] = []
+    emit(rows, intake_cost(raw, args.repeats))
     data_url = f"data:image/jpeg;base64,{base64.b64encode(raw).decode()}"
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = build_tiny_checkpoint(Path(folder) / "tiny")
-        server = subprocess.Popen(
-            [sys.executable, "-m", "shizhen.cli", "serve", "--model", str(checkpoint), "--port", str(args.port),
-             "--host", "127.0.0.1", "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server = serve_tiny(checkpoint, args.port)
         url = f"http://127.0.0.1:{args.port}"
         try:
-            while True:
-                try:
-                    if httpx.get(f"{url}/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.1)
             text_latencies(url, 5)
             alone = text_latencies(url, args.text_requests)
             # uploads decoded, then refused before the engine (max_tokens over the context): intake cost alone
@@ -116,14 +107,10 @@ def main() -> None:
     for name, timings, uploads in (("text_alone", alone, 0),
                                    ("text_during_12mp_uploads_refused_before_engine", intake_only, intake_sent),
                                    ("text_during_12mp_uploads_through_engine", with_engine, engine_sent)):
-        rows.append({"bench": name, "median_ms": round(statistics.median(timings) * 1e3, 1),
-                     "p95_ms": round(sorted(timings)[int(len(timings) * 0.95) - 1] * 1e3, 1),
-                     "image_requests_done": uploads, "image_clients": args.image_clients if uploads else 0})
-    for row in rows:
-        print(json.dumps(row))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+        emit(rows, {"bench": name, "median_ms": round(statistics.median(timings) * 1e3, 1),
+                    "p95_ms": round(sorted(timings)[int(len(timings) * 0.95) - 1] * 1e3, 1),
+                    "image_requests_done": uploads, "image_clients": args.image_clients if uploads else 0})
+    write_json(rows, args.json)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ the OS cache; `--drop-caches` tries to evict them (root, where the kernel allows
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import emit, write_json
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 TEXT_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
@@ -33,10 +33,6 @@ def drop_caches(enabled: bool) -> bool:
     result = subprocess.run(["sh", "-c", "sync && echo 3 > /proc/sys/vm/drop_caches"], capture_output=True)
     return result.returncode == 0
 
-
-def emit(rows: list[dict], row: dict) -> None:
-    rows.append(row)
-    print(json.dumps(row), flush=True)
 
 
 def main() -> None:
@@ -84,8 +80,7 @@ def main() -> None:
                     "gb_per_s": round(size / elapsed / 1e9, 2)})
         del model
         torch.cuda.empty_cache()
-    if args.json:
-        args.json.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    write_json(rows, args.json)
 
 
 if __name__ == "__main__":

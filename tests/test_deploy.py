@@ -7,11 +7,9 @@ import base64
 import os
 import re
 import subprocess
-import threading
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 from runpod_standin import StandInRunPod
 
