@@ -20,12 +20,9 @@ def slot_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
         out = F.scaled_dot_product_attention(query, key, value, is_causal=query.shape[2] > 1, scale=scaling,
                                              enable_gqa=True)
         return out.transpose(1, 2).contiguous()
-    batch, heads, q_len, dim = query.shape
+    batch, heads, _, dim = query.shape
     kv_heads = key.shape[1]
-    grouped = query.reshape(batch, kv_heads, heads // kv_heads * q_len, dim)
-    scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * scaling
-    scores = scores.masked_fill(~attention_mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(value.dtype)
-    out = torch.matmul(probs, value).reshape(batch, heads, q_len, dim)
-    return out.transpose(1, 2).contiguous()
-
+    # a K/V head's query group stands in for the query positions: one fused kernel, no K/V copy per query head
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)
+    out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(batch, 1, heads, dim)
