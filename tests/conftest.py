@@ -177,14 +177,37 @@ def hold_loading(tiny_checkpoint: Path, folder: Path) -> tuple[Path, threading.E
 
 
 @pytest.fixture
-def received_images(monkeypatch):
-    """The images the model is given, captured where the prompt is built (the processor's input)."""
-    seen: list[Image.Image] = []
+def received_turns(monkeypatch) -> list:
+    """Each prompt's conversation as the model is given it, captured where the prompt is built."""
+    seen: list = []
     original = PromptBuilder.build
 
     def spy(self, turns):
-        seen.extend(part for turn in turns for part in turn.parts if isinstance(part, Image.Image))
+        seen.append(turns)
         return original(self, turns)
 
     monkeypatch.setattr(PromptBuilder, "build", spy)
     return seen
+
+
+class ReceivedImages:
+    """The images among `received_turns`, in order, read when indexed (the list grows as requests arrive)."""
+
+    def __init__(self, turns: list):
+        self._turns = turns
+
+    def _images(self) -> list[Image.Image]:
+        return [part for turns in self._turns for turn in turns for part in turn.parts
+                if isinstance(part, Image.Image)]
+
+    def __getitem__(self, index):
+        return self._images()[index]
+
+    def __len__(self) -> int:
+        return len(self._images())
+
+
+@pytest.fixture
+def received_images(received_turns) -> ReceivedImages:
+    """The images the model is given (the processor's input)."""
+    return ReceivedImages(received_turns)

@@ -8,8 +8,10 @@ import hashlib
 import json
 import re
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
+
+from local_http import LocalHTTPServer, QuietHandler
 
 
 class StandInHub:
@@ -26,7 +28,7 @@ class StandInHub:
         self.authorizations: list[str | None] = []  # the Authorization header of every request
         hub = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             protocol_version = "HTTP/1.1"
 
             def do_GET(self):  # noqa: N802
@@ -35,17 +37,11 @@ class StandInHub:
             def do_HEAD(self):  # noqa: N802
                 hub._handle(self, body=False)
 
-            def log_message(self, *args):
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self._server.server_port}"
+        self._server = LocalHTTPServer(Handler)
+        self.url = self._server.url
 
     def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._server.close()
 
     def lfs(self, name: str) -> bool:
         return name.endswith(".safetensors")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from local_http import LocalHTTPServer, QuietHandler
 
 GPUS = [
     {"id": "NVIDIA A100 80GB PCIe", "displayName": "A100 80GB PCIe", "memoryInGb": 80},
@@ -27,7 +27,7 @@ class StandInRunPod:
         self._created = 0
         stand_in = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_POST(self):  # noqa: N802
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 if self.headers.get("Authorization") != f"Bearer {stand_in.api_key}":
@@ -43,16 +43,11 @@ class StandInRunPod:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def log_message(self, *args):
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self._server.server_port}"
+        self._server = LocalHTTPServer(Handler)
+        self.url = self._server.url
 
     def close(self) -> None:
-        self._server.shutdown()
+        self._server.close()
 
     def calls(self, operation: str) -> list[str]:
         return [q for q in self.queries if operation in q]

@@ -6,14 +6,13 @@ import base64
 import io
 import os
 import struct
-import threading
 import time
 import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pillow_heif
 import pytest
 from conftest import image_data_url, tongue_photo
+from local_http import LocalHTTPServer, QuietHandler
 from PIL import Image
 
 
@@ -110,7 +109,7 @@ def test_decompression_bomb_and_byte_cap_are_413(start_server):
 
 
 # --- remote URLs -------------------------------------------------------------------------------------------------
-class _ImageHost(BaseHTTPRequestHandler):
+class _ImageHost(QuietHandler):
     jpeg = _encoded(tongue_photo(), "JPEG")
 
     def do_GET(self):  # noqa: N802 (http.server's naming)
@@ -150,23 +149,13 @@ class _ImageHost(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, *args):
-        pass
-
-
-class _QuietServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request, client_address):
-        pass  # clients that give up on /endless.jpg and /slow.jpg are the point of those tests
 
 
 @pytest.fixture
 def image_host():
-    httpd = _QuietServer(("127.0.0.1", 0), _ImageHost)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_port}"
-    httpd.shutdown()
+    httpd = LocalHTTPServer(_ImageHost)
+    yield httpd.url
+    httpd.close()
 
 
 def test_private_addresses_are_refused_by_default(server, image_host):

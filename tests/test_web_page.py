@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from conftest import hold_loading, tongue_photo
 
-from shizhen.engine.prompt import PromptBuilder
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -43,19 +42,6 @@ def open_page(browser):
     yield open_at
     for context in contexts:
         context.close()
-
-
-@pytest.fixture
-def received_turns(monkeypatch):
-    seen = []
-    original = PromptBuilder.build
-
-    def spy(self, turns):
-        seen.append(turns)
-        return original(self, turns)
-
-    monkeypatch.setattr(PromptBuilder, "build", spy)
-    return seen
 
 
 def _without_stop_tokens(server):
