@@ -13,6 +13,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 
 from shizhen.config import Settings
 from shizhen.store import StoreError, model_store
+from shizhen.tiny_checkpoint import RANDOM_MODEL_MARKER
 
 REPO = "shizhen-tests/tiny-vl"
 
@@ -49,7 +50,7 @@ def _shards(hub) -> list[str]:
 def test_download_then_start_offline_without_touching_the_hub(hub, tmp_path, start_server):
     store = model_store(_settings(hub, tmp_path))
     folder = store.ensure()
-    assert sorted(p.name for p in folder.iterdir()) == sorted(set(hub.files) - {"SHIZHEN_TINY_RANDOM_MODEL"})
+    assert sorted(p.name for p in folder.iterdir()) == sorted(set(hub.files) - {RANDOM_MODEL_MARKER})
     assert store.manifest_path.exists()
     requests_before = len(hub.requests)
     server = start_server(model=REPO, cache_dir=str(tmp_path / "models"), hf_endpoint=hub.url)

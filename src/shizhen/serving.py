@@ -8,8 +8,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from contextlib import aclosing
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 from pydantic import BaseModel
 
@@ -47,12 +47,7 @@ from .protocol import (
 )
 
 log = logging.getLogger(__name__)
-RANDOM_MODEL_MARKER = "SHIZHEN_TINY_RANDOM_MODEL"
 LOADING_RETRY_AFTER_S = 10
-
-
-def is_random_test_model(model_source: str) -> bool:
-    return (Path(model_source) / RANDOM_MODEL_MARKER).exists()
 
 
 class ChatService:
@@ -183,8 +178,9 @@ class ChatService:
         """Run to the end and answer in one `chat.completion`."""
         texts: list[str] = []
         try:
-            async for output in self._outputs(request):
-                texts.append(output.text)
+            async with aclosing(self._outputs(request)) as outputs:
+                async for output in outputs:
+                    texts.append(output.text)
         except EngineFailure as exc:
             raise InternalError(f"generation failed: {exc}", code="engine_error") from exc
         return ChatCompletion(
@@ -210,16 +206,17 @@ class ChatService:
 
         yield chunk(Delta(role="assistant", content=""))
         try:
-            async for output in self._outputs(request, heartbeat=self._settings.stream_heartbeat_seconds):
-                if output is None:
-                    yield ": keep-alive\n\n"
-                    continue
-                if output.text:
-                    yield chunk(Delta(content=output.text))
-                if output.finish_reason:
-                    yield chunk(Delta(), output.finish_reason)
-                    if include_usage:
-                        yield chunk(Delta(), usage=_usage(request, output.completion_tokens))
+            async with aclosing(self._outputs(request, self._settings.stream_heartbeat_seconds)) as outputs:
+                async for output in outputs:
+                    if output is None:
+                        yield ": keep-alive\n\n"
+                        continue
+                    if output.text:
+                        yield chunk(Delta(content=output.text))
+                    if output.finish_reason:
+                        yield chunk(Delta(), output.finish_reason)
+                        if include_usage:
+                            yield chunk(Delta(), usage=_usage(request, output.completion_tokens))
         except (EngineFailure, RequestTimedOut) as exc:
             error = exc if isinstance(exc, RequestTimedOut) else InternalError(f"generation failed: {exc}",
                                                                                   code="engine_error")
@@ -229,7 +226,9 @@ class ChatService:
     async def _outputs(self, request: GenerationRequest, heartbeat: float | None = None):
         """The engine's outputs for one request, with the request timeout, metrics and the log record kept.
 
-        Yields None whenever `heartbeat` seconds pass without output. Leaving early cancels the engine request.
+        Yields None whenever `heartbeat` seconds pass without output. Closing it cancels the engine request, so
+        callers hold it in `aclosing`: an abandoned async generator is only closed when garbage collection gets to
+        it, and until then the GPU would keep generating for a client that is gone.
         """
         timeout = self._settings.request_timeout_seconds
         deadline = request.arrived + timeout

@@ -69,6 +69,13 @@ _TRAINING_TEXT = (
     "deficiency. The quick brown fox jumps over the lazy dog. 0123456789 ,.;:!?()[]{}<>-_=+*/\\'\"\n"
 )
 
+RANDOM_MODEL_MARKER = "SHIZHEN_TINY_RANDOM_MODEL"  # a file in the folder: the server labels such a model random
+
+
+def is_random_test_model(model_source: str) -> bool:
+    return (Path(model_source) / RANDOM_MODEL_MARKER).exists()
+
+
 TINY_TEXT_SIZES = dict(
     hidden_size=64,
     intermediate_size=128,
@@ -157,5 +164,5 @@ def build_tiny_checkpoint(target: Path, seed: int = 0) -> Path:
         do_sample=False,
     )
     model.save_pretrained(target)
-    (target / "SHIZHEN_TINY_RANDOM_MODEL").write_text("random weights, built offline for tests and demos\n")
+    (target / RANDOM_MODEL_MARKER).write_text("random weights, built offline for tests and demos\n")
     return target

@@ -19,8 +19,9 @@ from ..engine.engine import Engine, EngineConfig
 from ..engine.loader import load_model
 from ..observability.metrics import ServerMetrics
 from ..observability.requests import RequestObserver
-from ..serving import ChatService, is_random_test_model
+from ..serving import ChatService
 from ..store import model_store
+from ..tiny_checkpoint import is_random_test_model
 from . import chat, health, models, page, vision
 from . import metrics as metrics_routes
 from .auth import require_api_key
@@ -46,7 +47,7 @@ def create_app(settings: Settings, model_source: str | None = None) -> FastAPI:
             kv_usage=lambda: engine.running / engine.slots if engine.slots else 0.0,
             load_seconds=lambda: engine.load_seconds,
         )
-        if is_random_test_model(source):
+        if app.state.random_test_model:
             log.warning("serving a RANDOM TEST MODEL from %s: its answers are gibberish", source)
         engine.start()
         auto_stop = PodAutoStop.for_this_pod(app.state, settings)
@@ -64,7 +65,7 @@ def create_app(settings: Settings, model_source: str | None = None) -> FastAPI:
         RateLimiter(settings.rate_limit, settings.rate_limit_storage_url) if settings.rate_limit else None
     )
     app.state.settings = settings
-    app.state.model_source = source
+    app.state.random_test_model = is_random_test_model(source)  # checked once: it cannot change while serving
     app.state.started = time.monotonic()
     app.state.in_flight = 0  # model requests being answered (RequestObserver counts them; draining waits on them)
     app.state.last_activity = time.monotonic()  # when one last started or ended (the idle auto-stop reads it)

@@ -9,7 +9,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from ..engine.engine import EngineState
-from ..serving import is_random_test_model
 from .deps import AppSettings, EngineDep
 
 router = APIRouter()
@@ -25,7 +24,7 @@ async def live() -> dict[str, str]:
 async def health(request: Request, settings: AppSettings, engine: EngineDep) -> JSONResponse:
     """200 when the model is ready to serve; 503 while loading or after a failed load."""
     body: dict = {"status": engine.state.value, "model": settings.model_name}
-    if is_random_test_model(request.app.state.model_source):
+    if request.app.state.random_test_model:
         body["random_test_model"] = True
     if engine.state is EngineState.LOADING:
         body |= {"phase": engine.phase, "elapsed_s": round(time.monotonic() - request.app.state.started, 1)}

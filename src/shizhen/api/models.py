@@ -5,15 +5,13 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from ..protocol import ModelCard, ModelList
-from ..serving import is_random_test_model
 from .deps import AppSettings, Chat
 
 router = APIRouter()
 
 
 def model_card(request: Request, settings: AppSettings) -> ModelCard:
-    source = request.app.state.model_source
-    random_model = is_random_test_model(source)
+    random_model = request.app.state.random_test_model
     return ModelCard(
         id=settings.model_name,
         created=int(request.app.state.created),

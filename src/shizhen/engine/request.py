@@ -59,7 +59,10 @@ class RequestStream:
     # --- the event loop's side ---------------------------------------------------------------------------------
     async def next(self, timeout: float | None = None) -> GenerationOutput:
         """The next output; raises TimeoutError (nothing lost) if none arrives in time, EngineFailure on failure."""
-        item = await asyncio.wait_for(self._queue.get(), timeout)
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation that lands just as an
+        # output arrives, and a disconnected client's generation would then run to the end
+        async with asyncio.timeout(timeout):
+            item = await self._queue.get()
         if isinstance(item, EngineFailure):
             raise item
         return item
