@@ -1,8 +1,8 @@
-"""Fewer, larger kernels for the text layers the engine runs: the weights stay transformers', regrouped.
+"""Fewer, larger kernels for the text layers: the weights stay transformers', regrouped.
 
-A decode step of the 32B model at batch 1 is ~2,000 kernels; the small ones cost more than their bytes. Here the
-q/k/v projections become one GEMM, gate/up another, rotary embeddings turn q and k in one pass, and RMSNorm is
-one kernel (torch.rms_norm) instead of six. The arithmetic is the same as transformers' layers.
+The q/k/v projections become one GEMM and gate/up another (decode_model.py relies on both), rotary embeddings turn
+q and k in one pass, and RMSNorm is one kernel (torch.rms_norm) instead of six. Prefill runs transformers' model
+with these layers; the arithmetic is the same as transformers' own layers.
 """
 
 from __future__ import annotations
@@ -11,12 +11,14 @@ from functools import partial
 
 import torch
 from torch import nn
-
-from .attention import slot_attention
+from torch.nn import functional as F
 
 
 def fuse_text_layers(text_model: nn.Module) -> None:
-    """Rewire every decoder layer of a Qwen2.5-VL text model in place (the old projection weights are freed)."""
+    """Rewire every decoder layer of a Qwen2.5-VL text model in place (the old projection weights are freed).
+    A model already rewired is left as it is."""
+    if hasattr(text_model.layers[0].self_attn, "qkv_proj"):
+        return
     for norm in text_model.modules():
         if type(norm).__name__.endswith("RMSNorm") and hasattr(norm, "variance_epsilon"):
             norm.forward = partial(_rms_norm, norm)
@@ -61,8 +63,10 @@ def _attention_forward(attention, hidden_states, position_embeddings, attention_
     qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin  # q and k rotated together
     query, key = qk.split([heads, kv_heads], dim=1)
     key, value = past_key_values.update(key, value, attention.layer_idx)
-    out = slot_attention(query, key, value, attention_mask, attention.scaling)
-    return attention.o_proj(out.reshape(batch, length, -1)), None
+    # grouped queries attend to their shared K/V head directly (transformers' SDPA path copies K/V per query head)
+    out = F.scaled_dot_product_attention(query, key, value, is_causal=length > 1, scale=attention.scaling,
+                                         enable_gqa=True)
+    return attention.o_proj(out.transpose(1, 2).reshape(batch, length, -1)), None
 
 
 def _mlp_forward(mlp, hidden_states):

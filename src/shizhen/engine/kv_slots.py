@@ -1,8 +1,9 @@
 """The static, slot-addressed KV cache: for every layer, K and V of shape [slots, kv_heads, max_len, head_dim].
 
 Row i of a decode batch is always slot i, so a batch reads the cache through plain views (no gather) and a CUDA
-graph captured over those views stays valid for as long as the cache lives. The cache objects below speak the
-`update(key, value, layer_idx)` protocol transformers' attention layers call, so the model's own layers run on it.
+graph captured over those views stays valid for as long as the cache lives. Prefill writes it through the
+`update(key, value, layer_idx)` protocol transformers' attention layers call (PrefillCache); decode_model.py writes
+it directly.
 """
 
 from __future__ import annotations
@@ -29,9 +30,6 @@ class KVSlots:
     def prefill_cache(self, slots: torch.Tensor) -> PrefillCache:
         return PrefillCache(self, slots)
 
-    def decode_cache(self, batch: int, length: int, write_positions: torch.Tensor) -> DecodeCache:
-        return DecodeCache(self, batch, length, write_positions)
-
 
 class PrefillCache:
     """Writes a batch of prompts' K/V, row i into slots[i]; attention sees just the prompts (causal)."""
@@ -45,28 +43,6 @@ class PrefillCache:
         self._storage.keys[layer_idx][self._slots, :, :length] = key
         self._storage.values[layer_idx][self._slots, :, :length] = value
         return key, value
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0
-
-
-class DecodeCache:
-    """One decode step for slots [0, batch): each row's new K/V is written at its own position; attention reads
-    positions [0, length) of each row, masked by the caller to that row's true length."""
-
-    def __init__(self, storage: KVSlots, batch: int, length: int, write_positions: torch.Tensor):
-        self._storage = storage
-        self._batch = batch
-        self._length = length
-        kv_heads, head_dim = storage.keys[0].shape[1], storage.keys[0].shape[3]
-        self._index = write_positions[:batch].view(batch, 1, 1, 1).expand(batch, kv_heads, 1, head_dim)
-
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
-        keys = self._storage.keys[layer_idx][: self._batch]
-        values = self._storage.values[layer_idx][: self._batch]
-        keys.scatter_(2, self._index, key)
-        values.scatter_(2, self._index, value)
-        return keys[:, :, : self._length], values[:, :, : self._length]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0

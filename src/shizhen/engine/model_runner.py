@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .decode_model import DecodeModel
 from .fused_layers import fuse_text_layers
 from .kv_slots import KVSlots
 from .loader import LoadedModel
@@ -48,6 +49,7 @@ class ModelRunner:
                           loaded.dtype, device)
         self.batch_buckets = buckets(BATCH_BUCKETS, slots)
         self.length_buckets = buckets(LENGTH_BUCKETS, max_len)
+        self._decode_model = DecodeModel(self._text, loaded.model.lm_head, self.kv)
         # the decode step's inputs: token, rotary position and cache length per slot
         self._inputs = torch.zeros(3, slots, dtype=torch.long, device=device)
         # host-side staging in pinned memory, two sets used in turn: a blocking host-to-device copy would wait for
@@ -55,7 +57,6 @@ class ModelRunner:
         self._staging = [torch.zeros(3, slots, dtype=torch.long, pin_memory=device.type == "cuda") for _ in range(2)]
         self._staging_turn = 0
         self._row_slots = torch.zeros(slots, dtype=torch.long, device=device)
-        self._arange = torch.arange(max_len, device=device)
         self._logits = torch.zeros(slots, config.vocab_size, dtype=loaded.dtype, device=device)
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         if use_graphs:
@@ -142,15 +143,7 @@ class ModelRunner:
 
     def _decode_step(self, batch: int, length: int) -> None:
         tokens, positions, cache_lens = self._inputs[0, :batch], self._inputs[1, :batch], self._inputs[2, :batch]
-        mask = (self._arange[:length][None, :] <= cache_lens[:, None]).view(batch, 1, 1, length)
-        hidden = self._text(
-            inputs_embeds=self._text.embed_tokens(tokens.view(batch, 1)),
-            position_ids=positions.view(1, batch, 1).expand(3, batch, 1),
-            attention_mask={"full_attention": mask},
-            past_key_values=self.kv.decode_cache(batch, length, cache_lens),
-            use_cache=True,
-        ).last_hidden_state
-        self._logits[:batch].copy_(self._model.lm_head(hidden[:, -1]))
+        self._logits[:batch].copy_(self._decode_model(tokens, positions, cache_lens, length))
 
     @torch.inference_mode()
     def _capture_graphs(self) -> None:
