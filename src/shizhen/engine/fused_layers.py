@@ -62,7 +62,8 @@ def _attention_forward(attention, hidden_states, position_embeddings, attention_
     half = dim // 2
     qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin  # q and k rotated together
     query, key = qk.split([heads, kv_heads], dim=1)
-    key, value = past_key_values.update(key, value, attention.layer_idx)
+    if past_key_values is not None:
+        key, value = past_key_values.update(key, value, attention.layer_idx)
     # grouped queries attend to their shared K/V head directly (transformers' SDPA path copies K/V per query head)
     out = F.scaled_dot_product_attention(query, key, value, is_causal=length > 1, scale=attention.scaling,
                                          enable_gqa=True)
