@@ -11,8 +11,11 @@ requests) under the profiler: how busy the GPU was over the decode phase, and th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import asyncio
-from collections import defaultdict
+import traceback
+import warnings
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
@@ -54,6 +57,25 @@ def replay_ms(runner: ModelRunner, batch: int, length: int) -> float:
     return start.elapsed_time(end) / 20
 
 
+@contextlib.contextmanager
+def host_syncs():
+    """Counts the engine's synchronizing CUDA calls by call site (torch's sync debug mode warns at each one)."""
+    sites: Counter[str] = Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-1] if "shizhen" in f.filename]
+        sites[" < ".join(f"{Path(f.filename).name}:{f.lineno} {f.line}" for f in reversed(frames[-3:]))] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield sites
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+
 def engine_loop(loaded, args, rows: list[dict]) -> None:
     """GPU busy share and the heaviest host calls while the engine serves `requests` streams of 128 tokens."""
     args.max_len, args.max_num_seqs, args.gpu_memory_utilization, args.eager = 512, 64, 0.95, False
@@ -64,6 +86,11 @@ def engine_loop(loaded, args, rows: list[dict]) -> None:
             asyncio.run(run_requests(engine, prompts, [16] * requests, [0] * requests))  # warm-up
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 results = asyncio.run(run_requests(engine, prompts, [128] * requests, [0] * requests))
+            with host_syncs() as sites:
+                asyncio.run(run_requests(engine, prompts, [32] * requests, [0] * requests))
+            for site, count in sites.most_common(6):
+                emit(rows, {"bench": "host_sync", "requests": requests, "tokens_each": 32, "count": count,
+                            "site": site})
             first = min(times[0] for _, times, _ in results)
             wall_us = (max(times[-1] for _, times, _ in results) - first) * 1e6
             events = prof.key_averages()

@@ -33,9 +33,9 @@ def test_stop_matcher_holds_back_only_possible_prefixes():
 
 def _sample(steps: int = 1, logits=None, **params) -> list[int]:
     sampler = BatchSampler(slots=2, vocab_size=6, device=torch.device("cpu"))
-    sampler.admit(1, SamplingParams(max_new_tokens=8, **params), torch.tensor([0, 1]))
+    rows = sampler.admit([(1, SamplingParams(max_new_tokens=8, **params), torch.tensor([0, 1]))])
     logits = logits if logits is not None else torch.tensor([5.0, 4.0, 3.0, 0.0, 0.0, 0.0])
-    return [int(sampler.sample(logits[None], [1])[0]) for _ in range(steps)]
+    return [int(sampler.sample(logits[None], [1], rows)[0]) for _ in range(steps)]
 
 
 def test_greedy_and_penalties():
@@ -59,10 +59,10 @@ def test_rows_sample_independently_of_their_neighbours():
     """A seeded request draws the same tokens alone or beside other requests in the batch."""
     logits = torch.tensor([[1.0, 1.1, 0.9, 1.0, 1.2, 0.8]])
     alone = BatchSampler(slots=4, vocab_size=6, device=torch.device("cpu"))
-    alone.admit(2, SamplingParams(max_new_tokens=8, seed=11), torch.tensor([0]))
+    alone_rows = alone.admit([(2, SamplingParams(max_new_tokens=8, seed=11), torch.tensor([0]))])
     crowded = BatchSampler(slots=4, vocab_size=6, device=torch.device("cpu"))
-    for slot in range(4):
-        crowded.admit(slot, SamplingParams(max_new_tokens=8, seed=11 if slot == 2 else slot, top_p=0.9), torch.tensor([0]))
-    solo = [int(alone.sample(logits, [2])[0]) for _ in range(10)]
-    together = [int(crowded.sample(logits.repeat(4, 1), [0, 1, 2, 3])[2]) for _ in range(10)]
+    crowded_rows = crowded.admit([(slot, SamplingParams(max_new_tokens=8, seed=11 if slot == 2 else slot, top_p=0.9),
+                                   torch.tensor([0])) for slot in range(4)])
+    solo = [int(alone.sample(logits, [2], alone_rows)[0]) for _ in range(10)]
+    together = [int(crowded.sample(logits.repeat(4, 1), [0, 1, 2, 3], crowded_rows)[2]) for _ in range(10)]
     assert solo == together

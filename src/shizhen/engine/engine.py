@@ -41,11 +41,22 @@ class EngineState(enum.Enum):
 
 @dataclass
 class InFlightStep:
-    """A launched decode step: which sequences it advanced and where its tokens will land on the host."""
+    """A launched prefill or decode step: which sequences it sampled for and where their tokens land on the host."""
 
     sequences: list[Sequence]
     tokens: torch.Tensor  # host copy, filled asynchronously
     done: torch.cuda.Event | None
+
+
+def _in_flight(sequences: list[Sequence], tokens: torch.Tensor) -> InFlightStep:
+    """Queue the copy of `tokens` (on the device) to the host and mark when it has landed."""
+    on_gpu = tokens.device.type == "cuda"
+    host = torch.empty(len(sequences), dtype=torch.long, pin_memory=on_gpu)
+    host.copy_(tokens, non_blocking=on_gpu)
+    done = torch.cuda.Event() if on_gpu else None
+    if done is not None:
+        done.record()
+    return InFlightStep(sequences, host, done)
 
 
 @dataclass(frozen=True)
@@ -76,7 +87,7 @@ class Engine:
         self._runner: ModelRunner | None = None
         self._sampler: BatchSampler | None = None
         self._next_tokens: torch.Tensor | None = None  # per slot: the last sampled token, on the device
-        self._in_flight: InFlightStep | None = None
+        self._in_flight: list[InFlightStep] = []  # launched, not yet collected, in launch order
 
     # --- the event loop's side -----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -163,31 +174,35 @@ class Engine:
         admitted = scheduler.admissions()
         if admitted:
             try:
-                self._prefill(admitted)
+                self._in_flight.append(self._prefill(admitted))
             except Exception as exc:  # a failed prefill must not take the running requests down
                 self._recover(exc, "a prefill")
                 for stream, slot in admitted:
                     stream.put(EngineFailure(f"{type(exc).__name__}: {exc}"))
                     self._release(slot)
         try:
-            launched = self._launch_decode() if scheduler.running else None
-            if self._in_flight is not None:
-                self._collect(self._in_flight)
-            self._in_flight = launched
+            if scheduler.running:
+                self._in_flight.append(self._launch_decode())
+            # the newest step stays queued on the GPU while the host hands out the tokens of the ones before it
+            # (a prefill's first tokens go out as soon as it is done, not one decode step later)
+            while len(self._in_flight) > 1:
+                self._collect(self._in_flight.pop(0))
         except Exception as exc:
-            self._in_flight = None
+            self._in_flight = []
             self._recover(exc, "a decode step")
             for sequence in list(scheduler.running.values()):
                 self._end(sequence, EngineFailure(f"{type(exc).__name__}: {exc}"))
 
-    def _prefill(self, admitted: list[tuple[RequestStream, int]]) -> None:
+    def _prefill(self, admitted: list[tuple[RequestStream, int]]) -> InFlightStep:
+        """Queue the prompts' prefill and first-token sampling; the new sequences join the decode batch at once
+        and their first tokens reach the host with the next collection."""
         logits, rope_deltas = self._runner.prefill([(slot, stream.request.prompt) for stream, slot in admitted])
-        slots = [slot for _, slot in admitted]
-        for stream, slot in admitted:
-            self._sampler.admit(slot, stream.request.sampling, stream.request.prompt.input_ids[0])
-        sampled = self._sampler.sample(logits, slots)
-        self._next_tokens[torch.tensor(slots, device=sampled.device)] = sampled
-        for (stream, slot), rope_delta, token in zip(admitted, rope_deltas, sampled.tolist(), strict=True):
+        rows = self._sampler.admit([(slot, stream.request.sampling, stream.request.prompt.input_ids[0])
+                                    for stream, slot in admitted])
+        sampled = self._sampler.sample(logits, [slot for _, slot in admitted], rows)
+        self._next_tokens[rows] = sampled
+        sequences = []
+        for (stream, slot), rope_delta in zip(admitted, rope_deltas, strict=True):
             sampling = stream.request.sampling
             sequence = Sequence(
                 stream=stream,
@@ -198,7 +213,8 @@ class Engine:
                 stop_token_ids=frozenset() if sampling.ignore_eos else self.loaded.stop_token_ids,
             )
             self._scheduler.start(sequence)
-            self._emit(sequence, token)
+            sequences.append(sequence)
+        return _in_flight(sequences, sampled)
 
     def _launch_decode(self) -> InFlightStep:
         """Queue one decode step and its sampling on the device; nothing here waits for the GPU."""
@@ -209,16 +225,10 @@ class Engine:
         self._next_tokens[row_slots] = tokens
         for sequence in batch:
             sequence.sampled += 1
-        on_gpu = tokens.device.type == "cuda"
-        host = torch.empty(len(batch), dtype=torch.long, pin_memory=on_gpu)
-        host.copy_(tokens, non_blocking=on_gpu)
-        done = torch.cuda.Event() if on_gpu else None
-        if done is not None:
-            done.record()
-        return InFlightStep(batch, host, done)
+        return _in_flight(batch, tokens)
 
     def _collect(self, step: InFlightStep) -> None:
-        """Hand a finished step's tokens to their sequences; the step's one wait for the GPU."""
+        """Hand a finished step's tokens to their sequences; the engine's only wait for the GPU."""
         if step.done is not None:
             step.done.synchronize()
         for sequence, token in zip(step.sequences, step.tokens.tolist(), strict=True):

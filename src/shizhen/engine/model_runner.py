@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .decode_model import DecodeModel
+from .device_copy import to_device
 from .fused_layers import fuse_text_layers
 from .kv_slots import KVSlots
 from .loader import LoadedModel
@@ -52,10 +53,13 @@ class ModelRunner:
         self._decode_model = DecodeModel(self._text, loaded.model.lm_head, self.kv)
         # the decode step's inputs: token, rotary position and cache length per slot
         self._inputs = torch.zeros(3, slots, dtype=torch.long, device=device)
-        # host-side staging in pinned memory, two sets used in turn: a blocking host-to-device copy would wait for
-        # the step still running on the GPU, and reusing one buffer could overwrite it before its copy ran
-        self._staging = [torch.zeros(3, slots, dtype=torch.long, pin_memory=device.type == "cuda") for _ in range(2)]
+        # positions, cache lengths and row slots travel packed in one copy from pinned host memory (a pageable or
+        # strided source would make the copy wait for the step still running); two host buffers used in turn, so
+        # filling one cannot overwrite the other before its copy ran
+        pinned = device.type == "cuda"
+        self._staging = [torch.zeros(3 * slots, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
         self._staging_turn = 0
+        self._packed = torch.zeros(3 * slots, dtype=torch.long, device=device)
         self._row_slots = torch.zeros(slots, dtype=torch.long, device=device)
         self._logits = torch.zeros(slots, config.vocab_size, dtype=loaded.dtype, device=device)
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
@@ -77,18 +81,18 @@ class ModelRunner:
         positions = torch.arange(longest, device=device).view(1, 1, -1).repeat(3, len(admitted), 1)
         deltas = []
         for row, (_, prompt) in enumerate(admitted):
-            ids = prompt.input_ids.to(device)
+            ids = to_device(prompt.input_ids, device)
             input_ids[row, : prompt.num_tokens] = ids[0]
             row_positions, delta = self._prompt_positions(prompt, ids)
             positions[:, row, : prompt.num_tokens] = row_positions[:, 0]
             deltas.append(delta)
-        slots = torch.tensor([slot for slot, _ in admitted], device=device)
+        slots = to_device(torch.tensor([slot for slot, _ in admitted]), device)
         hidden = self._model.model(
             input_ids=input_ids, position_ids=positions, attention_mask={"full_attention": None},
             past_key_values=self.kv.prefill_cache(slots), use_cache=True,
             **self._vision_inputs([prompt for _, prompt in admitted]),
         ).last_hidden_state
-        last = torch.tensor([prompt.num_tokens - 1 for _, prompt in admitted], device=device)
+        last = to_device(torch.tensor([prompt.num_tokens - 1 for _, prompt in admitted]), device)
         return self._model.lm_head(hidden[torch.arange(len(admitted), device=device), last]), deltas
 
     def _vision_inputs(self, prompts: list[PromptInputs]) -> dict[str, torch.Tensor]:
@@ -97,8 +101,8 @@ class ModelRunner:
             return {}
         device = self._loaded.device
         return {
-            "pixel_values": torch.cat([p.pixel_values for p in with_images]).to(device, self._loaded.dtype),
-            "image_grid_thw": torch.cat([p.image_grid_thw for p in with_images]).to(device),
+            "pixel_values": to_device(torch.cat([p.pixel_values for p in with_images]), device).to(self._loaded.dtype),
+            "image_grid_thw": to_device(torch.cat([p.image_grid_thw for p in with_images]), device),
         }
 
     def _prompt_positions(self, prompt: PromptInputs, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -123,15 +127,17 @@ class ModelRunner:
         tensor. Nothing here waits for the GPU."""
         batch = _bucket(self.batch_buckets, max(row.slot for row in rows) + 1)
         length = _bucket(self.length_buckets, max(row.cache_len for row in rows) + 1)
-        values = [[0] * batch for _ in range(3)]  # free slots inside the bucket: position 0
-        for index, row in enumerate(rows):
-            values[0][index], values[1][row.slot], values[2][row.slot] = row.slot, row.position, row.cache_len
-        staging = self._staging[self._staging_turn]
+        positions, cache_lens = [0] * batch, [0] * batch  # free slots inside the bucket: position 0
+        for row in rows:
+            positions[row.slot], cache_lens[row.slot] = row.position, row.cache_len
+        values = positions + cache_lens + [row.slot for row in rows]
+        staging = self._staging[self._staging_turn][: len(values)]
         self._staging_turn ^= 1
-        staging[:, :batch] = torch.tensor(values, dtype=torch.long)
-        non_blocking = staging.is_pinned()
-        self._inputs[1:, :batch].copy_(staging[1:, :batch], non_blocking=non_blocking)
-        self._row_slots[: len(rows)].copy_(staging[0, : len(rows)], non_blocking=non_blocking)
+        staging.copy_(torch.tensor(values, dtype=torch.long))
+        packed = self._packed[: len(values)]
+        packed.copy_(staging, non_blocking=staging.is_pinned())
+        self._inputs[1:, :batch].copy_(packed[: 2 * batch].view(2, batch))
+        self._row_slots[: len(rows)].copy_(packed[2 * batch :])
         self._inputs[0, :batch].copy_(next_tokens[:batch])
         graph = self._graphs.get((batch, length))
         if graph is not None:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .device_copy import to_device
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -58,39 +60,43 @@ class BatchSampler:
     def __init__(self, slots: int, vocab_size: int, device: torch.device):
         self.vocab_size = vocab_size
         self._device = device
-        zeros = lambda dtype: torch.zeros(slots, dtype=dtype, device=device)  # noqa: E731
-        self._temperature, self._top_p = zeros(torch.float32), zeros(torch.float32)
-        self._top_k, self._seed, self._step = zeros(torch.int64), zeros(torch.int64), zeros(torch.int64)
-        self._repetition, self._presence, self._frequency = zeros(torch.float32), zeros(torch.float32), zeros(
-            torch.float32)
+        # per-slot parameters, two tables so that admitting requests is two copies
+        self._floats = torch.zeros(slots, 5, dtype=torch.float32, device=device)
+        self._ints = torch.zeros(slots, 3, dtype=torch.int64, device=device)
+        self._temperature, self._top_p, self._repetition, self._presence, self._frequency = self._floats.unbind(1)
+        self._top_k, self._seed, self._step = self._ints.unbind(1)
         self._counts = torch.zeros(slots, vocab_size, dtype=torch.float32, device=device)
         self._seen = torch.zeros(slots, vocab_size, dtype=torch.bool, device=device)
         self._params: dict[int, SamplingParams] = {}
 
-    def admit(self, slot: int, params: SamplingParams, prompt_ids: torch.Tensor) -> None:
-        self._params[slot] = params
-        self._temperature[slot] = params.temperature
-        self._top_p[slot] = params.top_p
-        self._top_k[slot] = params.top_k if params.top_k > 0 else self.vocab_size
-        self._seed[slot] = params.seed if params.seed is not None else secrets.randbits(62)
-        self._step[slot] = 0
-        self._repetition[slot] = params.repetition_penalty
-        self._presence[slot] = params.presence_penalty
-        self._frequency[slot] = params.frequency_penalty
-        self._counts[slot].zero_()
-        self._seen[slot].zero_()
-        self._seen[slot, prompt_ids.to(self._device)] = True
+    def admit(self, admissions: list[tuple[int, SamplingParams, torch.Tensor]]) -> torch.Tensor:
+        """Set up slots for new requests: (slot, parameters, prompt token ids) each. Returns the slots as a device
+        tensor. Queued on the device like a kernel; nothing here waits for the GPU."""
+        slots = [slot for slot, _, _ in admissions]
+        rows = to_device(torch.tensor(slots), self._device)
+        floats, ints = [], []
+        for slot, params, _ in admissions:
+            self._params[slot] = params
+            floats.append([params.temperature, params.top_p, params.repetition_penalty, params.presence_penalty,
+                           params.frequency_penalty])
+            seed = params.seed if params.seed is not None else secrets.randbits(62)
+            ints.append([params.top_k if params.top_k > 0 else self.vocab_size, seed, 0])
+        self._floats.index_copy_(0, rows, to_device(torch.tensor(floats, dtype=torch.float32), self._device))
+        self._ints.index_copy_(0, rows, to_device(torch.tensor(ints), self._device))
+        self._counts.index_fill_(0, rows, 0.0)
+        self._seen.index_fill_(0, rows, False)
+        prompt_rows = torch.cat([torch.full((len(ids),), index) for index, (_, _, ids) in enumerate(admissions)])
+        prompt_ids = to_device(torch.cat([ids for _, _, ids in admissions]), self._device)
+        self._seen.index_put_((rows[to_device(prompt_rows, self._device)], prompt_ids),
+                              torch.ones_like(prompt_ids, dtype=torch.bool))
+        return rows
 
     def release(self, slot: int) -> None:
         self._params.pop(slot, None)
 
-    def sample(self, logits: torch.Tensor, slots: list[int], rows: torch.Tensor | None = None) -> torch.Tensor:
-        """logits [rows, ≥vocab] for `slots` (in that order) → next token per row, on the device.
-
-        `rows`: the same slots already on the device, which spares a blocking host-to-device copy.
-        """
-        if rows is None:
-            rows = torch.tensor(slots, device=self._device)
+    def sample(self, logits: torch.Tensor, slots: list[int], rows: torch.Tensor) -> torch.Tensor:
+        """logits [rows, ≥vocab] for `slots` (in that order; `rows`: the same on the device) → next token per row,
+        on the device, without waiting for the GPU."""
         params = [self._params[slot] for slot in slots]
         logits = logits[:, : self.vocab_size].float()
         if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params):
@@ -105,7 +111,7 @@ class BatchSampler:
             sampled = torch.argmax(scaled - torch.log(-torch.log(noise)), dim=-1)  # Gumbel-max: a draw from softmax
             tokens = torch.where(self._temperature[rows] == 0, tokens, sampled)
         self._counts.index_put_((rows, tokens), torch.ones_like(tokens, dtype=torch.float32), accumulate=True)
-        self._seen[rows, tokens] = True
+        self._seen.index_put_((rows, tokens), torch.ones_like(tokens, dtype=torch.bool))
         self._step[rows] += 1
         return tokens
 
