@@ -2,7 +2,8 @@
 
 Run on a GPU (the `device` tool); prints JSON lines, `--json PATH` also writes them:
   - baseline: `generate` (dynamic cache), one stream and a static batch, 200-token prompts, 256 new tokens;
-  - engine: one stream (tok/s and GB/s of weights read), a 448x448 image + 200 text tokens (time to first token),
+  - engine: one stream (tok/s and GB/s of weights read), time to first token of text prompts of new lengths and of
+    a 448x448 image + 200 text tokens,
     8/32/64 concurrent requests arriving over one second (aggregate tok/s, p50/p95 TTFT and inter-token latency),
     start-up time (memory planning + CUDA graph capture), KV capacity and peak GPU memory.
 `--check` instead compares greedy outputs of staggered, batched text and image requests with `generate` alone on a
@@ -163,6 +164,11 @@ async def engine_benchmarks(engine: Engine, loaded: LoadedModel, text_bytes: int
                 "ttft_ms": round((times[0] - submitted) * 1e3, 1), "decode_tok_per_s": round(decode_rate, 1),
                 "end_to_end_tok_per_s": round(len(times) / (times[-1] - submitted), 1),
                 "weights_gb_per_s": round(decode_rate * text_bytes / 1e9, 1)})
+
+    for length in (100, 300, 500):  # a new prompt length each: no per-shape warm-up helps
+        [(submitted, times, _)] = await run_requests(engine, [text_prompt(length, 3000 + length)], [1], [0])
+        emit(rows, {"bench": "engine_text_ttft", "prompt_tokens": length, "ttft_ms": round((times[0] - submitted) * 1e3,
+                                                                                             1)})
 
     image = image_prompt(loaded)
     await run_requests(engine, [image], [1], [0])  # warm-up of the vision tower

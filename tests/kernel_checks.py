@@ -58,22 +58,22 @@ def test_linear(interpreted, monkeypatch, dtype, rows, with_bias):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rotary_to_cache_rotates_and_writes_each_row_at_its_length(interpreted, monkeypatch, dtype):
+def test_rotary_to_cache_rotates_and_writes_each_row_to_its_slot_and_position(interpreted, monkeypatch, dtype):
     heads, kv_heads, dim, batch = 4, 2, 16, 3
     qkv = torch.randn(batch, (heads + 2 * kv_heads) * dim, dtype=dtype)
     angles = torch.randn(batch, dim // 2)
     cos, sin = torch.cat([angles.cos()] * 2, -1).to(dtype), torch.cat([angles.sin()] * 2, -1).to(dtype)
     keys, values = torch.zeros(5, kv_heads, 40, dim, dtype=dtype), torch.zeros(5, kv_heads, 40, dim, dtype=dtype)
-    cache_lens = torch.tensor([0, 17, 39])
+    slots, cache_lens = torch.tensor([4, 0, 2]), torch.tensor([0, 17, 39])
     (query, (_, _, _, keys_k, values_k, *_)), (ref, (_, _, _, keys_r, values_r, *_)) = both(
-        interpreted, monkeypatch, "rotary_to_cache", qkv, cos, sin, keys, values, cache_lens, heads, kv_heads)
+        interpreted, monkeypatch, "rotary_to_cache", qkv, cos, sin, keys, values, slots, cache_lens, heads, kv_heads)
     assert query.shape == (batch, heads, dim)
     assert_close(query, ref, dtype)
     assert_close(keys_k, keys_r, dtype)
     assert torch.equal(values_k, values_r)
     written = keys_r.abs().sum(-1) != 0
     assert written.sum() == batch * kv_heads  # exactly one position per row and head
-    assert all(written[row, :, cache_lens[row]].all() for row in range(batch))
+    assert all(written[slots[row], :, cache_lens[row]].all() for row in range(batch))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -102,7 +102,7 @@ def test_oversized_body_is_413_declared_or_streamed(start_server):
 
 
 def test_engine_failure_is_500_and_the_server_keeps_serving(server):
-    model = server.engine.loaded.model.model  # the backbone: prefill runs through it
+    model = server.engine.loaded.model.model.language_model.embed_tokens  # every prefill and decode starts here
     original = model.forward
 
     def failing_once(*args, **kwargs):

@@ -1,7 +1,7 @@
 """The decode step's fused GPU kernels (Triton), each beside the plain-torch arithmetic it stands in for.
 
 At batch 1 a decode step of the 32B model is bound by reading 65 GB of weights, so every kernel that is not a
-weight read is overhead: transformers' layers launch ~20 small kernels per layer, these launch 7. Each public function
+weight read is overhead: transformers' layers launch ~20 small kernels per layer, text_stack.py's launch 8. Each public function
 below runs its Triton kernel on a CUDA tensor and the torch reference elsewhere (the CPU test suite; TRITON_INTERPRET=1
 runs the kernels themselves on CPU, which the kernel tests do). The kernels round where the references round, so the
 two agree to the last bit except where an exponential or a summation order differs.
@@ -64,25 +64,24 @@ _GEMV_ROWS = 4  # weight rows per program: enough programs to fill every SM even
 
 # --- rotary embedding + KV-cache write ------------------------------------------------------------------------------
 def rotary_to_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                    cache_lens: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor:
-    """Split one token per row of fused q/k/v [batch, (heads + 2 kv_heads) * dim], rotate q and k by cos/sin
-    [batch, dim], write k and v into slot `row` of `keys`/`values` [slots, kv_heads, max_len, dim] at position
-    cache_lens[row], and return the rotated queries [batch, heads, dim]."""
-    batch = qkv.shape[0]
+                    slots: torch.Tensor, cache_positions: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor:
+    """Split each token row of fused q/k/v [tokens, (heads + 2 kv_heads) * dim], rotate q and k by cos/sin
+    [tokens, dim], write k and v into `keys`/`values` [slots, kv_heads, max_len, dim] at slot slots[row], position
+    cache_positions[row], and return the rotated queries [tokens, heads, dim]."""
+    tokens = qkv.shape[0]
     dim = cos.shape[-1]
     if not _on_triton(qkv):
-        qkv = qkv.view(batch, heads + 2 * kv_heads, dim)
+        qkv = qkv.view(tokens, heads + 2 * kv_heads, dim)
         qk, value = qkv[:, : heads + kv_heads], qkv[:, heads + kv_heads :]
         half = dim // 2
         qk = qk * cos[:, None] + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin[:, None]
         query, key = qk.split([heads, kv_heads], dim=1)
-        rows = torch.arange(batch, device=qkv.device)
-        keys[rows, :, cache_lens[:batch]] = key
-        values[rows, :, cache_lens[:batch]] = value
+        keys[slots, :, cache_positions] = key
+        values[slots, :, cache_positions] = value
         return query.contiguous()
-    query = torch.empty(batch, heads, dim, dtype=qkv.dtype, device=qkv.device)
-    _rotary_to_cache_kernel[(batch, heads + 2 * kv_heads)](
-        qkv, cos, sin, cache_lens, query, keys, values, qkv.stride(0), *keys.stride()[:3],
+    query = torch.empty(tokens, heads, dim, dtype=qkv.dtype, device=qkv.device)
+    _rotary_to_cache_kernel[(tokens, heads + 2 * kv_heads)](
+        qkv, cos, sin, slots, cache_positions, query, keys, values, qkv.stride(0), *keys.stride()[:3],
         HEADS=heads, KV_HEADS=kv_heads, DIM=dim)
     return query
 
@@ -176,9 +175,9 @@ if triton is not None:
         tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty))
 
     @triton.jit
-    def _rotary_to_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, cache_lens_ptr, query_ptr, keys_ptr, values_ptr,
-                                qkv_row_stride, slot_stride, head_stride, position_stride, HEADS: tl.constexpr,
-                                KV_HEADS: tl.constexpr, DIM: tl.constexpr):
+    def _rotary_to_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, slots_ptr, positions_ptr, query_ptr, keys_ptr,
+                                values_ptr, qkv_row_stride, slot_stride, head_stride, position_stride,
+                                HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1)  # q heads, then k heads, then v heads
         dims = tl.arange(0, DIM)
@@ -195,7 +194,8 @@ if triton is not None:
             tl.store(query_ptr + (row * HEADS + head) * DIM + dims, x)
         else:
             kv_head = (head - HEADS) % KV_HEADS
-            target = row * slot_stride + kv_head * head_stride + tl.load(cache_lens_ptr + row) * position_stride
+            target = (tl.load(slots_ptr + row) * slot_stride + kv_head * head_stride
+                      + tl.load(positions_ptr + row) * position_stride)
             if head < HEADS + KV_HEADS:
                 tl.store(keys_ptr + target + dims, x)
             else:

@@ -1,9 +1,7 @@
 """The static, slot-addressed KV cache: for every layer, K and V of shape [slots, kv_heads, max_len, head_dim].
 
 Row i of a decode batch is always slot i, so a batch reads the cache through plain views (no gather) and a CUDA
-graph captured over those views stays valid for as long as the cache lives. Prefill writes it through the
-`update(key, value, layer_idx)` protocol transformers' attention layers call (PrefillCache); decode_model.py writes
-it directly.
+graph captured over those views stays valid for as long as the cache lives. text_stack.py writes and reads it.
 """
 
 from __future__ import annotations
@@ -26,26 +24,6 @@ class KVSlots:
     @staticmethod
     def bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
-
-    def prefill_cache(self, slots: torch.Tensor) -> PrefillCache:
-        return PrefillCache(self, slots)
-
-
-class PrefillCache:
-    """Writes a batch of prompts' K/V, row i into slots[i]; attention sees just the prompts (causal)."""
-
-    def __init__(self, storage: KVSlots, slots: torch.Tensor):
-        self._storage = storage
-        self._slots = slots
-
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
-        length = key.shape[2]
-        self._storage.keys[layer_idx][self._slots, :, :length] = key
-        self._storage.values[layer_idx][self._slots, :, :length] = value
-        return key, value
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0
 
 
 class SlotAllocator:

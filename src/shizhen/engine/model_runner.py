@@ -13,12 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .decode_model import DecodeModel
 from .device_copy import to_device
-from .fused_layers import fuse_text_layers
 from .kv_slots import KVSlots
 from .loader import LoadedModel
 from .prompt import PromptInputs
+from .text_stack import TextStack
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +40,14 @@ class ModelRunner:
     def __init__(self, loaded: LoadedModel, slots: int, max_len: int, use_graphs: bool):
         self._loaded = loaded
         self._model = loaded.model
-        self._text = loaded.model.model.language_model
-        fuse_text_layers(self._text)
-        config = self._text.config
+        config = loaded.model.model.language_model.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         device = loaded.device
         self.kv = KVSlots(config.num_hidden_layers, slots, config.num_key_value_heads, max_len, head_dim,
                           loaded.dtype, device)
         self.batch_buckets = buckets(BATCH_BUCKETS, slots)
         self.length_buckets = buckets(LENGTH_BUCKETS, max_len)
-        self._decode_model = DecodeModel(self._text, loaded.model.lm_head, self.kv)
+        self._text = TextStack(loaded.model, self.kv)
         # the decode step's inputs: token, rotary position and cache length per slot
         self._inputs = torch.zeros(3, slots, dtype=torch.long, device=device)
         # positions, cache lengths and row slots travel packed in one copy from pinned host memory (a pageable or
@@ -70,11 +67,7 @@ class ModelRunner:
     @torch.inference_mode()
     def prefill(self, admitted: list[tuple[int, PromptInputs]]) -> tuple[torch.Tensor, list[int]]:
         """Run prompts (and their images) into their slots in one forward pass, right-padded to the longest.
-
-        Returns each prompt's last-position logits [len(admitted), vocab] and rope deltas. Padding sits after each
-        prompt, so causal attention never lets a real token see it; the K/V it writes past a prompt's end is
-        overwritten by decode before any mask lets it be read.
-        """
+        Returns each prompt's last-position logits [len(admitted), vocab] and rope deltas."""
         device = self._loaded.device
         longest = max(prompt.num_tokens for _, prompt in admitted)
         input_ids = torch.zeros(len(admitted), longest, dtype=torch.long, device=device)
@@ -87,13 +80,9 @@ class ModelRunner:
             positions[:, row, : prompt.num_tokens] = row_positions[:, 0]
             deltas.append(delta)
         slots = to_device(torch.tensor([slot for slot, _ in admitted]), device)
-        hidden = self._model.model(
-            input_ids=input_ids, position_ids=positions, attention_mask={"full_attention": None},
-            past_key_values=self.kv.prefill_cache(slots), use_cache=True,
-            **self._vision_inputs([prompt for _, prompt in admitted]),
-        ).last_hidden_state
         last = to_device(torch.tensor([prompt.num_tokens - 1 for _, prompt in admitted]), device)
-        return self._model.lm_head(hidden[torch.arange(len(admitted), device=device), last]), deltas
+        vision = self._vision_inputs([prompt for _, prompt in admitted])
+        return self._text.prefill(input_ids, positions, slots, last, vision), deltas
 
     def _vision_inputs(self, prompts: list[PromptInputs]) -> dict[str, torch.Tensor]:
         with_images = [prompt for prompt in prompts if prompt.pixel_values is not None]
@@ -149,7 +138,7 @@ class ModelRunner:
 
     def _decode_step(self, batch: int, length: int) -> None:
         tokens, positions, cache_lens = self._inputs[0, :batch], self._inputs[1, :batch], self._inputs[2, :batch]
-        self._logits[:batch].copy_(self._decode_model(tokens, positions, cache_lens, length))
+        self._logits[:batch].copy_(self._text.decode(tokens, positions, cache_lens, length))
 
     @torch.inference_mode()
     def _capture_graphs(self) -> None:
