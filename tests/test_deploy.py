@@ -159,8 +159,8 @@ def test_start_script_installs_once_restarts_with_backoff_and_logs_to_the_volume
     fake_pip = tmp_path / "pip"
     fake_pip.write_text(f"#!/bin/sh\necho pip \"$@\" >> {calls}\n")
     fake_server = tmp_path / "serve"
-    # crashes twice, then stops cleanly (as after SIGTERM); says where the model cache is
-    fake_server.write_text(f"#!/bin/sh\necho serve HF_HOME=$HF_HOME >> {calls}\n"
+    # crashes twice, then stops cleanly (as after SIGTERM); says where the model and kernel caches are
+    fake_server.write_text(f"#!/bin/sh\necho serve HF_HOME=$HF_HOME TRITON_CACHE_DIR=$TRITON_CACHE_DIR >> {calls}\n"
                            f"n=$(grep -c '^serve' {calls}); [ $n -ge 3 ] && exit 0; exit 1\n")
     fake_pip.chmod(0o755)
     fake_server.chmod(0o755)
@@ -173,7 +173,7 @@ def test_start_script_installs_once_restarts_with_backoff_and_logs_to_the_volume
     lines = calls.read_text().splitlines()
     assert lines.count(f"pip install -r {workspace}/shizhen/requirements.txt shizhen-serve==0.1.0") == 1  # once
     assert (workspace / "shizhen" / "requirements.txt").read_text() == "torch==2.14.1\n"
-    assert f"serve HF_HOME={workspace}/models" in lines
+    assert f"serve HF_HOME={workspace}/models TRITON_CACHE_DIR={workspace}/shizhen/triton-cache" in lines
     supervisor = (workspace / "shizhen" / "logs" / "supervisor.log").read_text()
     assert "exited with code 1; restarting in 0.1s" in supervisor and "restarting in 0.2s" in supervisor
     assert "stopped cleanly" in supervisor

@@ -9,6 +9,7 @@ VENV="$APP/venv"
 LOGS="$APP/logs"
 mkdir -p "$LOGS" "$WORKSPACE/models"
 export HF_HOME="${HF_HOME:-$WORKSPACE/models}"
+export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$APP/triton-cache}"  # the engine's compiled kernels survive restarts
 log() { echo "$(date -u +%FT%TZ) $*" | tee -a "$LOGS/supervisor.log"; }
 
 echo "${SHIZHEN_REQUIREMENTS_B64:-}" | base64 -d > "$APP/requirements.txt"

@@ -1,4 +1,4 @@
-"""Runs the model: prefill of one prompt into its slot, and batched decode steps replayed as CUDA graphs.
+"""Runs the model: prefill of prompts into their slots, and batched decode steps replayed as CUDA graphs.
 
 Decode batches are always slots [0, batch) and attend to positions [0, length); both are rounded up to captured
 buckets, so each step replays one graph whose inputs are a few static buffers. Rows of free slots inside the
