@@ -229,7 +229,7 @@ def speed(args) -> list[dict]:
     started = time.perf_counter()
     engine = start_engine(loaded, args)
     emit(rows, {"bench": "engine_startup", "seconds": round(time.perf_counter() - started, 1),
-                "kv_slots": engine.slots, "max_len": args.max_len, "kv_capacity_tokens": engine.slots * args.max_len,
+                "max_num_seqs": engine.slots, "max_len": args.max_len, "kv_capacity_tokens": engine.kv_capacity_tokens,
                 "cuda_graphs": not args.eager and torch.cuda.is_available()})
     try:
         asyncio.run(engine_benchmarks(engine, loaded, text_bytes, rows, args))

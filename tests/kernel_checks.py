@@ -58,22 +58,23 @@ def test_linear(interpreted, monkeypatch, dtype, rows, with_bias):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rotary_to_cache_rotates_and_writes_each_row_to_its_slot_and_position(interpreted, monkeypatch, dtype):
-    heads, kv_heads, dim, batch = 4, 2, 16, 3
+def test_rotary_to_cache_rotates_and_writes_each_row_through_its_block_table(interpreted, monkeypatch, dtype):
+    heads, kv_heads, dim, batch, block = 4, 2, 16, 3, 16
     qkv = torch.randn(batch, (heads + 2 * kv_heads) * dim, dtype=dtype)
     angles = torch.randn(batch, dim // 2)
     cos, sin = torch.cat([angles.cos()] * 2, -1).to(dtype), torch.cat([angles.sin()] * 2, -1).to(dtype)
-    keys, values = torch.zeros(5, kv_heads, 40, dim, dtype=dtype), torch.zeros(5, kv_heads, 40, dim, dtype=dtype)
-    slots, cache_lens = torch.tensor([4, 0, 2]), torch.tensor([0, 17, 39])
-    (query, (_, _, _, keys_k, values_k, *_)), (ref, (_, _, _, keys_r, values_r, *_)) = both(
-        interpreted, monkeypatch, "rotary_to_cache", qkv, cos, sin, keys, values, slots, cache_lens, heads, kv_heads)
+    keys, values = torch.zeros(8, kv_heads, block, dim, dtype=dtype), torch.zeros(8, kv_heads, block, dim, dtype=dtype)
+    tables = torch.tensor([[2, 4, 0], [0, 0, 0], [7, 0, 0], [0, 0, 0], [3, 5, 1]])
+    slots, positions = torch.tensor([4, 0, 2]), torch.tensor([39, 0, 5])  # blocks 1, 2 and 7; offsets 7, 0, 5
+    (query, copies_k), (ref, copies_r) = both(interpreted, monkeypatch, "rotary_to_cache", qkv, cos, sin, keys,
+                                              values, tables, slots, positions, heads, kv_heads)
     assert query.shape == (batch, heads, dim)
     assert_close(query, ref, dtype)
-    assert_close(keys_k, keys_r, dtype)
-    assert torch.equal(values_k, values_r)
-    written = keys_r.abs().sum(-1) != 0
-    assert written.sum() == batch * kv_heads  # exactly one position per row and head
-    assert all(written[slots[row], :, cache_lens[row]].all() for row in range(batch))
+    assert_close(copies_k[3], copies_r[3], dtype)
+    assert torch.equal(copies_k[4], copies_r[4])
+    written = copies_r[3].abs().sum(-1) != 0  # [blocks, kv_heads, offsets]
+    assert written.sum() == batch * kv_heads
+    assert written[1, :, 7].all() and written[2, :, 0].all() and written[7, :, 5].all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -84,18 +85,31 @@ def test_silu_mul(interpreted, monkeypatch, dtype):
     assert_close(out, ref, dtype)
 
 
+def paged(contiguous: torch.Tensor, block: int, tables: torch.Tensor) -> torch.Tensor:
+    """[rows, kv_heads, length, dim] → a paged store holding row r's blocks at tables[r] (block 0 stays scratch)."""
+    rows, kv_heads, length, dim = contiguous.shape
+    padded = torch.zeros(rows, kv_heads, tables.shape[1] * block, dim, dtype=contiguous.dtype)
+    padded[:, :, :length] = contiguous
+    store = torch.zeros(tables.numel() + 1, kv_heads, block, dim, dtype=contiguous.dtype)
+    store[tables.flatten()] = padded.view(rows, kv_heads, -1, block, dim).transpose(1, 2).reshape(-1, kv_heads, block,
+                                                                                                  dim)
+    return store
+
+
 @pytest.mark.parametrize("dtype", [torch.float32])  # the interpreter's tl.dot reads bf16 as raw bits
 @pytest.mark.parametrize("batch", [3, 8])  # 3 rows are split across programs (and merged); 8 are not
-def test_decode_attention_reads_each_rows_own_length(interpreted, monkeypatch, dtype, batch):
-    heads, kv_heads, dim, length = 4, 2, 16, 200
+def test_decode_attention_reads_each_rows_own_blocks_and_length(interpreted, monkeypatch, dtype, batch):
+    heads, kv_heads, dim, length, block = 4, 2, 16, 200, 16
     query = torch.randn(batch, heads, dim, dtype=dtype)
-    keys, values = torch.randn(batch, kv_heads, length, dim, dtype=dtype), torch.randn(batch, kv_heads, length, dim,
-                                                                                         dtype=dtype)
+    keys, values = (torch.randn(batch, kv_heads, length, dim, dtype=dtype) for _ in range(2))
+    tables = (torch.randperm(batch * -(-length // block)) + 1).view(batch, -1)  # shuffled blocks, none is 0
+    key_store, value_store = paged(keys, block, tables), paged(values, block, tables)
+    assert torch.equal(interpreted.gather_positions(key_store, tables, length), keys)
     cache_lens = torch.tensor([5, 150, 199, 0, 64, 63, 128, 1])[:batch]
-    (out, _), (ref, _) = both(interpreted, monkeypatch, "decode_attention", query, keys, values, cache_lens, 0.25)
+    (out, _), (ref, _) = both(interpreted, monkeypatch, "decode_attention", query, key_store, value_store, tables,
+                              cache_lens, 0.25, length)
     assert out.shape == (batch, heads * dim)
     assert_close(out, ref, dtype)
-    # positions past a row's length never count
-    values[:, :, 151:] = 1e4
-    (out_changed, _), _ = both(interpreted, monkeypatch, "decode_attention", query, keys, values, cache_lens, 0.25)
-    assert_close(out_changed[:2], out[:2], dtype)
+    expected = torch.nn.functional.scaled_dot_product_attention(  # row 1 alone, from the contiguous tensors
+        query[1:2].view(1, kv_heads, heads // kv_heads, dim), keys[1:2, :, :151], values[1:2, :, :151], scale=0.25)
+    assert_close(out[1], expected.reshape(-1), dtype)

@@ -1,12 +1,17 @@
-"""The engine's plain-Python parts: text release, stop strings and sampling rules."""
+"""The engine's plain-Python parts: text release, stop strings, sampling rules and admission."""
 
 from __future__ import annotations
+
+import asyncio
 
 import torch
 from transformers import AutoTokenizer
 
 from shizhen.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from shizhen.engine.prompt import PromptInputs
+from shizhen.engine.request import GenerationRequest, RequestStream
 from shizhen.engine.sampling import BatchSampler, SamplingParams
+from shizhen.engine.scheduler import Scheduler
 
 
 def test_detokenizer_never_splits_a_character(tiny_checkpoint):
@@ -66,3 +71,26 @@ def test_rows_sample_independently_of_their_neighbours():
     solo = [int(alone.sample(logits, [2], alone_rows)[0]) for _ in range(10)]
     together = [int(crowded.sample(logits.repeat(4, 1), [0, 1, 2, 3], crowded_rows)[2]) for _ in range(10)]
     assert solo == together
+
+
+def test_admission_waits_for_kv_blocks_as_well_as_slots():
+    """A request holds the blocks its prompt and whole completion can fill; one that does not fit waits, and so do
+    the requests behind it, until running ones give blocks back. Block 0 (scratch) is never handed out."""
+    loop = asyncio.new_event_loop()
+
+    def request(prompt_tokens: int, max_new_tokens: int) -> RequestStream:
+        prompt = PromptInputs(input_ids=torch.zeros(1, prompt_tokens, dtype=torch.long))
+        return RequestStream(GenerationRequest("r", prompt, SamplingParams(max_new_tokens=max_new_tokens)), loop)
+
+    scheduler = Scheduler(slots=4, blocks=1 + 5, prefill_token_budget=8192)  # 5 blocks of 64 positions
+    for stream in (request(100, 28), request(60, 4), request(200, 120), request(10, 10)):
+        scheduler.add(stream)
+    first = scheduler.admissions()
+    assert [len(blocks) for _, _, blocks in first] == [2, 1]  # 128 and 64 tokens; the third needs 5 blocks
+    assert scheduler.kv_usage == 3 / 5 and len(scheduler.waiting) == 2
+    for _, slot, _ in first:
+        scheduler.release(slot)
+    second = scheduler.admissions()
+    assert [len(blocks) for _, _, blocks in second] == [5] and len(scheduler.waiting) == 1
+    assert 0 not in second[0][2]
+    loop.close()

@@ -44,7 +44,7 @@ def create_app(settings: Settings, model_source: str | None = None) -> FastAPI:
         metrics.watch_engine(
             running=lambda: engine.running,
             waiting=lambda: engine.waiting,
-            kv_usage=lambda: engine.running / engine.slots if engine.slots else 0.0,
+            kv_usage=lambda: engine.kv_usage,
             load_seconds=lambda: engine.load_seconds,
         )
         if app.state.random_test_model:

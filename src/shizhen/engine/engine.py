@@ -21,9 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .allocation import BLOCK_SIZE
 from .detokenizer import IncrementalDetokenizer, StopStringMatcher
 from .loader import LoadedModel
-from .memory import plan_slots
+from .memory import plan_blocks
 from .model_runner import DecodeRow, ModelRunner
 from .request import EngineFailure, GenerationRequest, RequestStream
 from .sampling import BatchSampler
@@ -81,7 +82,8 @@ class Engine:
         self.error: str | None = None
         self.loaded: LoadedModel | None = None
         self.load_seconds: float | None = None
-        self.slots = 0
+        self.slots = 0  # sequences that can run at once (max_num_seqs)
+        self.kv_blocks = 0
         self.tokens_generated = 0  # since start, all requests
         self._scheduler: Scheduler | None = None
         self._runner: ModelRunner | None = None
@@ -111,6 +113,15 @@ class Engine:
         return stream
 
     @property
+    def kv_capacity_tokens(self) -> int:
+        return max(self.kv_blocks - 1, 0) * BLOCK_SIZE  # block 0 is scratch
+
+    @property
+    def kv_usage(self) -> float:
+        """Share of the KV cache held by running sequences (0-1)."""
+        return self._scheduler.kv_usage if self._scheduler else 0.0
+
+    @property
     def running(self) -> int:
         return len(self._scheduler.running) if self._scheduler else 0
 
@@ -134,11 +145,13 @@ class Engine:
             self.loaded = self._load(self._report_phase)
             self._report_phase("planning GPU memory for the KV cache")
             config = self.config
-            self.slots = plan_slots(self.loaded, config.max_len, config.max_num_seqs, config.gpu_memory_utilization,
-                                    prefill_tokens=max(config.max_len, config.prefill_token_budget))
+            self.kv_blocks = plan_blocks(self.loaded, config.max_len, config.max_num_seqs,
+                                         config.gpu_memory_utilization,
+                                         prefill_tokens=max(config.max_len, config.prefill_token_budget))
+            self.slots = config.max_num_seqs
             use_graphs = self.loaded.device.type == "cuda" and not config.enforce_eager
             self._report_phase("capturing CUDA graphs" if use_graphs else "allocating the KV cache")
-            self._runner = ModelRunner(self.loaded, self.slots, config.max_len, use_graphs)
+            self._runner = ModelRunner(self.loaded, self.slots, self.kv_blocks, config.max_len, use_graphs)
         except Exception as exc:
             log.exception("start-up failed")
             self.error = f"{type(exc).__name__}: {exc}"
@@ -146,13 +159,13 @@ class Engine:
             return False
         self._sampler = BatchSampler(self.slots, self.loaded.vocab_size, self.loaded.device)
         self._next_tokens = torch.zeros(self.slots, dtype=torch.long, device=self.loaded.device)
-        self._scheduler = Scheduler(self.slots, self.config.prefill_token_budget)
+        self._scheduler = Scheduler(self.slots, self.kv_blocks, self.config.prefill_token_budget)
         self.load_seconds = time.perf_counter() - started
         self.phase = "ready"
         self.state = EngineState.READY
-        log.info("engine ready in %.1f s on %s (%s): %d sequences of up to %d tokens, CUDA graphs %s",
-                 self.load_seconds, self.loaded.device, str(self.loaded.dtype).removeprefix("torch."), self.slots,
-                 self.config.max_len, "on" if use_graphs else "off")
+        log.info("engine ready in %.1f s on %s (%s): up to %d sequences of up to %d tokens, KV cache of %d tokens, "
+                 "CUDA graphs %s", self.load_seconds, self.loaded.device, str(self.loaded.dtype).removeprefix("torch."),
+                 self.slots, self.config.max_len, self.kv_capacity_tokens, "on" if use_graphs else "off")
         return True
 
     def _take_incoming(self, block: bool) -> bool:
@@ -177,7 +190,7 @@ class Engine:
                 self._in_flight.append(self._prefill(admitted))
             except Exception as exc:  # a failed prefill must not take the running requests down
                 self._recover(exc, "a prefill")
-                for stream, slot in admitted:
+                for stream, slot, _ in admitted:
                     stream.put(EngineFailure(f"{type(exc).__name__}: {exc}"))
                     self._release(slot)
         try:
@@ -193,16 +206,17 @@ class Engine:
             for sequence in list(scheduler.running.values()):
                 self._end(sequence, EngineFailure(f"{type(exc).__name__}: {exc}"))
 
-    def _prefill(self, admitted: list[tuple[RequestStream, int]]) -> InFlightStep:
+    def _prefill(self, admitted: list[tuple[RequestStream, int, list[int]]]) -> InFlightStep:
         """Queue the prompts' prefill and first-token sampling; the new sequences join the decode batch at once
         and their first tokens reach the host with the next collection."""
-        logits, rope_deltas = self._runner.prefill([(slot, stream.request.prompt) for stream, slot in admitted])
+        logits, rope_deltas = self._runner.prefill([(slot, blocks, stream.request.prompt)
+                                                    for stream, slot, blocks in admitted])
         rows = self._sampler.admit([(slot, stream.request.sampling, stream.request.prompt.input_ids[0])
-                                    for stream, slot in admitted])
-        sampled = self._sampler.sample(logits, [slot for _, slot in admitted], rows)
+                                    for stream, slot, _ in admitted])
+        sampled = self._sampler.sample(logits, [slot for _, slot, _ in admitted], rows)
         self._next_tokens[rows] = sampled
         sequences = []
-        for (stream, slot), rope_delta in zip(admitted, rope_deltas, strict=True):
+        for (stream, slot, _), rope_delta in zip(admitted, rope_deltas, strict=True):
             sampling = stream.request.sampling
             sequence = Sequence(
                 stream=stream,
@@ -249,6 +263,7 @@ class Engine:
 
     def _release(self, slot: int) -> None:
         self._sampler.release(slot)
+        self._runner.release(slot)
         self._scheduler.release(slot)
 
     def _recover(self, exc: Exception, what: str) -> None:

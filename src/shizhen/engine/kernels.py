@@ -64,25 +64,29 @@ _GEMV_ROWS = 4  # weight rows per program: enough programs to fill every SM even
 
 # --- rotary embedding + KV-cache write ------------------------------------------------------------------------------
 def rotary_to_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                    slots: torch.Tensor, cache_positions: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor:
+                    block_tables: torch.Tensor, slots: torch.Tensor, cache_positions: torch.Tensor, heads: int,
+                    kv_heads: int) -> torch.Tensor:
     """Split each token row of fused q/k/v [tokens, (heads + 2 kv_heads) * dim], rotate q and k by cos/sin
-    [tokens, dim], write k and v into `keys`/`values` [slots, kv_heads, max_len, dim] at slot slots[row], position
-    cache_positions[row], and return the rotated queries [tokens, heads, dim]."""
+    [tokens, dim], write k and v into the paged `keys`/`values` [blocks, kv_heads, block size, dim] at position
+    cache_positions[row] of sequence slots[row] (whose blocks are its row of `block_tables`), and return the
+    rotated queries [tokens, heads, dim]."""
     tokens = qkv.shape[0]
     dim = cos.shape[-1]
+    block_size = keys.shape[2]
     if not _on_triton(qkv):
         qkv = qkv.view(tokens, heads + 2 * kv_heads, dim)
         qk, value = qkv[:, : heads + kv_heads], qkv[:, heads + kv_heads :]
         half = dim // 2
         qk = qk * cos[:, None] + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin[:, None]
         query, key = qk.split([heads, kv_heads], dim=1)
-        keys[slots, :, cache_positions] = key
-        values[slots, :, cache_positions] = value
+        blocks = block_tables[slots, cache_positions // block_size]
+        keys[blocks, :, cache_positions % block_size] = key
+        values[blocks, :, cache_positions % block_size] = value
         return query.contiguous()
     query = torch.empty(tokens, heads, dim, dtype=qkv.dtype, device=qkv.device)
     _rotary_to_cache_kernel[(tokens, heads + 2 * kv_heads)](
-        qkv, cos, sin, slots, cache_positions, query, keys, values, qkv.stride(0), *keys.stride()[:3],
-        HEADS=heads, KV_HEADS=kv_heads, DIM=dim)
+        qkv, cos, sin, block_tables, slots, cache_positions, query, keys, values, qkv.stride(0),
+        block_tables.stride(0), *keys.stride()[:3], HEADS=heads, KV_HEADS=kv_heads, DIM=dim, BLOCK_SIZE=block_size)
     return query
 
 
@@ -99,33 +103,45 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 # --- decode attention ----------------------------------------------------------------------------------------------
-def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cache_lens: torch.Tensor,
-                     scale: float) -> torch.Tensor:
-    """One query token per row: query [batch, heads, dim] attends to positions [0, cache_lens[row]] (its own token
-    included) of keys/values [batch, kv_heads, length, dim]. Returns [batch, heads * dim].
+def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, block_tables: torch.Tensor,
+                     cache_lens: torch.Tensor, scale: float, length: int) -> torch.Tensor:
+    """One query token per row: query [batch, heads, dim] of sequence slot `row` attends to its positions
+    [0, cache_lens[row]] (its own token included) in the paged keys/values [blocks, kv_heads, block size, dim];
+    `length` bounds every row's positions. Returns [batch, heads * dim].
 
-    The kernel reads only each row's real positions (split across programs when the batch is too small to fill the
-    GPU) and lets a K/V head's query group share each load — no per-head K/V copies, no mask tensor."""
+    The kernel reads only each row's real positions, a block at a time (split across programs when the batch is
+    too small to fill the GPU), and lets a K/V head's query group share each load — no K/V copies, no mask."""
     batch, heads, dim = query.shape
-    kv_heads, length = keys.shape[1], keys.shape[2]
+    kv_heads, block_size = keys.shape[1], keys.shape[2]
     if not _on_triton(query):
-        mask = (torch.arange(length, device=query.device)[None, :] <= cache_lens[:batch, None])
+        tables = block_tables[:batch]
+        mask = torch.arange(length, device=query.device)[None, :] <= cache_lens[:batch, None]
         grouped = query.view(batch, kv_heads, heads // kv_heads, dim)  # the query group stands in for positions
-        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask.view(batch, 1, 1, length),
-                                             scale=scale)
+        out = F.scaled_dot_product_attention(grouped, gather_positions(keys, tables, length),
+                                             gather_positions(values, tables, length),
+                                             attn_mask=mask.view(batch, 1, 1, length), scale=scale)
         return out.reshape(batch, heads * dim)
     splits = _attention_splits(query.device, batch * kv_heads, length)
     out = torch.empty(batch, heads * dim, dtype=query.dtype, device=query.device)
     partial = torch.empty(batch, heads, splits, dim + 2, dtype=torch.float32, device=query.device) if splits > 1 else out
     group = heads // kv_heads
     _decode_attention_kernel[(batch, kv_heads, splits)](
-        query, keys, values, cache_lens, out, partial, scale, *keys.stride()[:3],
-        GROUP=group, GROUP_BLOCK=max(16, triton.next_power_of_2(group)), DIM=dim, SPLITS=splits, BLOCK_L=64,
-        num_warps=4, num_stages=2)
+        query, keys, values, block_tables, cache_lens, out, partial, scale, block_tables.stride(0),
+        *keys.stride()[:3], GROUP=group, GROUP_BLOCK=max(16, triton.next_power_of_2(group)), DIM=dim,
+        SPLITS=splits, BLOCK_L=block_size, num_warps=4, num_stages=2)
     if splits > 1:
         _merge_splits_kernel[(batch, heads)](partial, out, SPLITS=splits, SPLITS_BLOCK=triton.next_power_of_2(splits),
                                              DIM=dim)
     return out
+
+
+def gather_positions(store: torch.Tensor, tables: torch.Tensor, length: int) -> torch.Tensor:
+    """Positions [0, length) of the sequences whose block tables are `tables` [rows, ≥ blocks], out of a paged
+    store [blocks, kv_heads, block size, dim], as a [rows, kv_heads, length, dim] copy."""
+    block_size = store.shape[2]
+    blocks = store[tables[:, : -(-length // block_size)]]
+    rows, count, kv_heads, _, dim = blocks.shape
+    return blocks.permute(0, 2, 1, 3, 4).reshape(rows, kv_heads, count * block_size, dim)[:, :, :length]
 
 
 def _attention_splits(device: torch.device, programs: int, length: int) -> int:
@@ -175,9 +191,10 @@ if triton is not None:
         tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty))
 
     @triton.jit
-    def _rotary_to_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, slots_ptr, positions_ptr, query_ptr, keys_ptr,
-                                values_ptr, qkv_row_stride, slot_stride, head_stride, position_stride,
-                                HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr):
+    def _rotary_to_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, tables_ptr, slots_ptr, positions_ptr, query_ptr, keys_ptr,
+                                values_ptr, qkv_row_stride, table_stride, block_stride, head_stride, position_stride,
+                                HEADS: tl.constexpr, KV_HEADS: tl.constexpr, DIM: tl.constexpr,
+                                BLOCK_SIZE: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         head = tl.program_id(1)  # q heads, then k heads, then v heads
         dims = tl.arange(0, DIM)
@@ -194,8 +211,9 @@ if triton is not None:
             tl.store(query_ptr + (row * HEADS + head) * DIM + dims, x)
         else:
             kv_head = (head - HEADS) % KV_HEADS
-            target = (tl.load(slots_ptr + row) * slot_stride + kv_head * head_stride
-                      + tl.load(positions_ptr + row) * position_stride)
+            position = tl.load(positions_ptr + row)
+            block = tl.load(tables_ptr + tl.load(slots_ptr + row) * table_stride + position // BLOCK_SIZE)
+            target = block * block_stride + kv_head * head_stride + (position % BLOCK_SIZE) * position_stride
             if head < HEADS + KV_HEADS:
                 tl.store(keys_ptr + target + dims, x)
             else:
@@ -214,11 +232,12 @@ if triton is not None:
         tl.store(out_ptr + row * width + cols, (silu.to(tl.float32) * up.to(tl.float32)).to(dtype), mask=inside)
 
     @triton.jit
-    def _decode_attention_kernel(query_ptr, keys_ptr, values_ptr, cache_lens_ptr, out_ptr, partial_ptr, scale,
-                                 slot_stride, head_stride, position_stride, GROUP: tl.constexpr,
+    def _decode_attention_kernel(query_ptr, keys_ptr, values_ptr, tables_ptr, cache_lens_ptr, out_ptr, partial_ptr,
+                                 scale, table_stride, block_stride, head_stride, position_stride, GROUP: tl.constexpr,
                                  GROUP_BLOCK: tl.constexpr, DIM: tl.constexpr, SPLITS: tl.constexpr,
                                  BLOCK_L: tl.constexpr):
-        """Program (row, kv head, split): online softmax of the head's query group over the split's positions."""
+        """Program (row, kv head, split): online softmax of the head's query group over the split's positions,
+        one cache block (BLOCK_L positions) per iteration."""
         row = tl.program_id(0).to(tl.int64)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -233,14 +252,15 @@ if triton is not None:
         chunk = tl.cdiv(tl.cdiv(seq_len, SPLITS), BLOCK_L) * BLOCK_L
         start = split * chunk
         end = tl.minimum(start + chunk, seq_len)
-        base = row * slot_stride + kv_head * head_stride
+        table = tables_ptr + row * table_stride
         best = tl.full((GROUP_BLOCK,), float("-inf"), tl.float32)
         total = tl.zeros((GROUP_BLOCK,), tl.float32)
         acc = tl.zeros((GROUP_BLOCK, DIM), tl.float32)
         for block in range(start, end, BLOCK_L):
             positions = block + tl.arange(0, BLOCK_L)
             valid = positions < end
-            offsets = base + positions.to(tl.int64)[:, None] * position_stride + dims[None, :]
+            block_base = tl.load(table + block // BLOCK_L) * block_stride + kv_head * head_stride
+            offsets = block_base + (positions % BLOCK_L).to(tl.int64)[:, None] * position_stride + dims[None, :]
             key = tl.load(keys_ptr + offsets, mask=valid[:, None], other=0.0)
             scores = tl.dot(query, tl.trans(key), input_precision="ieee") * scale
             scores = tl.where(valid[None, :], scores, float("-inf"))

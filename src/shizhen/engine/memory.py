@@ -1,4 +1,4 @@
-"""How many sequences fit: the KV cache gets what the GPU has left after the weights and the activation peak."""
+"""How big the KV cache is: it gets what the GPU has left after the weights and the activation peak."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import logging
 
 import torch
 
-from .kv_slots import KVSlots
+from .allocation import BLOCK_SIZE, blocks_for
+from .kv_cache import KVCache
 from .loader import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -17,17 +18,19 @@ class NotEnoughMemory(RuntimeError):
     pass
 
 
-def plan_slots(loaded: LoadedModel, max_len: int, max_num_seqs: int, gpu_memory_utilization: float,
-               prefill_tokens: int) -> int:
-    """Slots of `max_len` tokens that fit in `gpu_memory_utilization` of the GPU (all of `max_num_seqs` on CPU).
+def plan_blocks(loaded: LoadedModel, max_len: int, max_num_seqs: int, gpu_memory_utilization: float,
+                prefill_tokens: int) -> int:
+    """KV-cache blocks (the scratch block included) that fit in `gpu_memory_utilization` of the GPU, no more than
+    `max_num_seqs` full-length sequences can use (that many on CPU).
 
     The activation peak is measured with a prefill of the most tokens one step may prefill, as vLLM and nano-vllm do.
     """
+    useful = max_num_seqs * blocks_for(max_len) + 1
     if loaded.device.type != "cuda":
-        return max_num_seqs
+        return useful
     config = loaded.model.model.language_model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    per_token = KVSlots.bytes_per_token(config.num_hidden_layers, config.num_key_value_heads, head_dim, loaded.dtype)
+    per_token = KVCache.bytes_per_token(config.num_hidden_layers, config.num_key_value_heads, head_dim, loaded.dtype)
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -39,13 +42,13 @@ def plan_slots(loaded: LoadedModel, max_len: int, max_num_seqs: int, gpu_memory_
     used = total - free
     peak, current = torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
     budget = total * gpu_memory_utilization - used - peak + current
-    slots = min(max_num_seqs, int(budget // (max_len * per_token)))
+    blocks = min(useful, int(budget // (BLOCK_SIZE * per_token)))
     log.info("GPU memory: %.1f GiB total, %.1f GiB in use, activation peak %.2f GiB; KV cache budget %.2f GiB "
-             "(%d KiB per token) → %d slots of %d tokens", total / GIB, used / GIB, (peak - current) / GIB,
-             budget / GIB, per_token // 1024, slots, max_len)
-    if slots < 1:
+             "(%d KiB per token) → %d blocks of %d tokens (%d tokens)", total / GIB, used / GIB,
+             (peak - current) / GIB, budget / GIB, per_token // 1024, blocks, BLOCK_SIZE, (blocks - 1) * BLOCK_SIZE)
+    if blocks < blocks_for(max_len) + 1:
         raise NotEnoughMemory(
             f"the KV cache needs {max_len * per_token / GIB:.2f} GiB for one {max_len}-token sequence but only "
             f"{max(budget, 0) / GIB:.2f} GiB is left after the weights; lower SHIZHEN_MAX_CONTEXT_LENGTH or raise "
             "SHIZHEN_GPU_MEMORY_UTILIZATION")
-    return slots
+    return blocks

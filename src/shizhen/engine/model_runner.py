@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .device_copy import to_device
-from .kv_slots import KVSlots
+from .kv_cache import KVCache
 from .loader import LoadedModel
 from .prompt import PromptInputs
 from .text_stack import TextStack
@@ -37,13 +37,13 @@ def buckets(candidates: tuple[int, ...], limit: int) -> list[int]:
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, slots: int, max_len: int, use_graphs: bool):
+    def __init__(self, loaded: LoadedModel, slots: int, blocks: int, max_len: int, use_graphs: bool):
         self._loaded = loaded
         self._model = loaded.model
         config = loaded.model.model.language_model.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         device = loaded.device
-        self.kv = KVSlots(config.num_hidden_layers, slots, config.num_key_value_heads, max_len, head_dim,
+        self.kv = KVCache(config.num_hidden_layers, blocks, slots, config.num_key_value_heads, max_len, head_dim,
                           loaded.dtype, device)
         self.batch_buckets = buckets(BATCH_BUCKETS, slots)
         self.length_buckets = buckets(LENGTH_BUCKETS, max_len)
@@ -65,24 +65,29 @@ class ModelRunner:
 
     # --- prefill ---------------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, admitted: list[tuple[int, PromptInputs]]) -> tuple[torch.Tensor, list[int]]:
-        """Run prompts (and their images) into their slots in one forward pass, right-padded to the longest.
-        Returns each prompt's last-position logits [len(admitted), vocab] and rope deltas."""
+    def prefill(self, admitted: list[tuple[int, list[int], PromptInputs]]) -> tuple[torch.Tensor, list[int]]:
+        """Run prompts (and their images) into their slots and KV blocks — (slot, blocks, prompt) each — in one
+        forward pass, right-padded to the longest. Returns each prompt's last-position logits
+        [len(admitted), vocab] and rope deltas."""
         device = self._loaded.device
-        longest = max(prompt.num_tokens for _, prompt in admitted)
-        input_ids = torch.zeros(len(admitted), longest, dtype=torch.long, device=device)
-        positions = torch.arange(longest, device=device).view(1, 1, -1).repeat(3, len(admitted), 1)
+        prompts = [prompt for _, _, prompt in admitted]
+        tables = torch.zeros(len(admitted), self.kv.block_tables.shape[1], dtype=torch.long)
+        for row, (_, blocks, _) in enumerate(admitted):
+            tables[row, : len(blocks)] = torch.tensor(blocks)
+        slots = to_device(torch.tensor([slot for slot, _, _ in admitted]), device)
+        self.kv.block_tables[slots] = to_device(tables, device)
+        longest = max(prompt.num_tokens for prompt in prompts)
+        input_ids = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
+        positions = torch.arange(longest, device=device).view(1, 1, -1).repeat(3, len(prompts), 1)
         deltas = []
-        for row, (_, prompt) in enumerate(admitted):
+        for row, prompt in enumerate(prompts):
             ids = to_device(prompt.input_ids, device)
             input_ids[row, : prompt.num_tokens] = ids[0]
             row_positions, delta = self._prompt_positions(prompt, ids)
             positions[:, row, : prompt.num_tokens] = row_positions[:, 0]
             deltas.append(delta)
-        slots = to_device(torch.tensor([slot for slot, _ in admitted]), device)
-        last = to_device(torch.tensor([prompt.num_tokens - 1 for _, prompt in admitted]), device)
-        vision = self._vision_inputs([prompt for _, prompt in admitted])
-        return self._text.prefill(input_ids, positions, slots, last, vision), deltas
+        last = to_device(torch.tensor([prompt.num_tokens - 1 for prompt in prompts]), device)
+        return self._text.prefill(input_ids, positions, slots, last, self._vision_inputs(prompts)), deltas
 
     def _vision_inputs(self, prompts: list[PromptInputs]) -> dict[str, torch.Tensor]:
         with_images = [prompt for prompt in prompts if prompt.pixel_values is not None]
@@ -107,6 +112,9 @@ class ModelRunner:
             image_grid_thw=prompt.image_grid_thw.to(input_ids.device),
         )
         return positions, int(deltas.view(-1)[0])
+
+    def release(self, slot: int) -> None:
+        self.kv.clear_table(slot)
 
     # --- decode ----------------------------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -1,4 +1,4 @@
-"""The text model's layers as explicit code over the slot cache: prefill of whole prompts and one-token decode steps.
+"""The text model's layers as explicit code over the paged KV cache: prefill of whole prompts and one-token decode steps.
 
 transformers' layers launch ~20 kernels per layer; these launch ~8 (kernels.py): RMSNorm fused with the residual add
 before it, q/k/v as one projection and gate/up as another (their weights are stacked here, once), rotary embedding
@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import kernels
-from .kv_slots import KVSlots
+from .kv_cache import KVCache
 
 # not cuDNN's attention: it builds a plan for every new shape, ~0.1 s each on an H200, and the shapes of prompts
 # and photos rarely repeat
@@ -40,7 +40,7 @@ class _Layer:
 
 
 class TextStack:
-    def __init__(self, model: nn.Module, kv: KVSlots):
+    def __init__(self, model: nn.Module, kv: KVCache):
         """`model`: a Qwen2_5_VLForConditionalGeneration; `kv`: the cache both paths write."""
         self._model = model.model
         self._text = model.model.language_model
@@ -58,10 +58,11 @@ class TextStack:
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, last: torch.Tensor,
                 vision: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Prompts [batch, length] (right-padded) into their `slots`, with rotary positions [3, batch, length] and
-        the images in `vision` (pixel_values, image_grid_thw) for their placeholder tokens. Returns the logits at
-        each prompt's `last` position. Padding writes K/V past its prompt's end, which decode overwrites before
-        anything reads it; causal attention keeps it from every real token."""
+        """Prompts [batch, length] (right-padded) into their `slots` (whose block tables are set), with rotary
+        positions [3, batch, length] and the images in `vision` (pixel_values, image_grid_thw) for their
+        placeholder tokens. Returns the logits at each prompt's `last` position. Padding writes K/V past its
+        prompt's end (or into the scratch block), which decode overwrites before anything reads it; causal
+        attention keeps it from every real token."""
         batch, length = input_ids.shape
         embeds = self._text.embed_tokens(input_ids)
         if vision:
@@ -74,13 +75,14 @@ class TextStack:
         token_positions = self._positions[:length].repeat(batch)
 
         def attend(index: int, qkv: torch.Tensor) -> torch.Tensor:
-            keys, values = self._kv.keys[index], self._kv.values[index]
-            query = kernels.rotary_to_cache(qkv, cos, sin, keys, values, token_slots, token_positions, self._heads,
+            query = kernels.rotary_to_cache(qkv, cos, sin, self._kv.keys[index], self._kv.values[index],
+                                            self._kv.block_tables, token_slots, token_positions, self._heads,
                                             self._kv_heads)
             query = query.view(batch, length, self._heads, -1).transpose(1, 2)
+            keys, values = self._kv.gather(index, slots, length)
             with sdpa_kernel(PREFILL_ATTENTION):
-                out = F.scaled_dot_product_attention(query, keys[slots, :, :length], values[slots, :, :length],
-                                                     is_causal=length > 1, scale=self._scale, enable_gqa=True)
+                out = F.scaled_dot_product_attention(query, keys, values, is_causal=length > 1, scale=self._scale,
+                                                     enable_gqa=True)
             return out.transpose(1, 2).reshape(batch * length, -1)
 
         hidden = self._run_layers(embeds.view(batch * length, -1), attend).view(batch, length, -1)
@@ -90,7 +92,7 @@ class TextStack:
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor,
                length: int) -> torch.Tensor:
         """tokens, positions, cache_lens: [batch], row i being slot i; the fed token goes to position cache_lens[i]
-        of its slot, and attention reads positions below `length`. Returns logits [batch, vocab]."""
+        of its sequence, and no row attends beyond `length` positions. Returns logits [batch, vocab]."""
         batch = tokens.shape[0]
         residual = self._text.embed_tokens(tokens)
         # a text token's three rotary position axes are equal
@@ -99,11 +101,10 @@ class TextStack:
         slots = self._slot_ids[:batch]
 
         def attend(index: int, qkv: torch.Tensor) -> torch.Tensor:
-            keys, values = self._kv.keys[index], self._kv.values[index]
-            query = kernels.rotary_to_cache(qkv, cos, sin, keys, values, slots, cache_lens, self._heads,
+            keys, values, tables = self._kv.keys[index], self._kv.values[index], self._kv.block_tables
+            query = kernels.rotary_to_cache(qkv, cos, sin, keys, values, tables, slots, cache_lens, self._heads,
                                             self._kv_heads)
-            return kernels.decode_attention(query, keys[:batch, :, :length], values[:batch, :, :length], cache_lens,
-                                            self._scale)
+            return kernels.decode_attention(query, keys, values, tables, cache_lens, self._scale, length)
 
         return kernels.linear(self._run_layers(residual, attend), self._lm_head.weight)
 
