@@ -1,10 +1,10 @@
-"""The decode step's fused GPU kernels (Triton), each beside the plain-torch arithmetic it stands in for.
+"""The text layers' fused GPU kernels (Triton), each beside the plain-torch arithmetic it stands in for.
 
 At batch 1 a decode step of the 32B model is bound by reading 65 GB of weights, so every kernel that is not a
-weight read is overhead: transformers' layers launch ~20 small kernels per layer, text_stack.py's launch 8. Each public function
-below runs its Triton kernel on a CUDA tensor and the torch reference elsewhere (the CPU test suite; TRITON_INTERPRET=1
-runs the kernels themselves on CPU, which the kernel tests do). The kernels round where the references round, so the
-two agree to the last bit except where an exponential or a summation order differs.
+weight read is overhead: transformers' layers launch ~20 small kernels per layer, text_stack.py's launch 8. Each
+public function below runs its Triton kernel on a CUDA tensor and the torch reference elsewhere (the CPU test suite;
+TRITON_INTERPRET=1 runs the kernels themselves on CPU, which the kernel tests do). The kernels round where the
+references round, so the two agree to the last bit except where an exponential or a summation order differs.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ def add_rms_norm(delta: torch.Tensor | None, residual: torch.Tensor, weight: tor
 
 # --- matrix-vector product ------------------------------------------------------------------------------------------
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T + bias. One row on the GPU: a Triton GEMV, which reads the weight at ~4.5 TB/s on an H200 where
-    cuBLAS reaches 3.3–4.0 (bench/decode_profile.py); more rows are a GEMM that cuBLAS does well."""
+    """x @ weight.T + bias. One row on the GPU: a Triton GEMV, which reads the 32B model's weights faster than
+    cuBLAS does at batch 1 (bench/gemv.py); more rows are a GEMM that cuBLAS does well."""
     rows, in_features = x.shape
     out_features = weight.shape[0]
     block_k = next((size for size in (1024, 512, 256) if in_features % size == 0), None)
