@@ -145,13 +145,15 @@ class Engine:
             self.loaded = self._load(self._report_phase)
             self._report_phase("planning GPU memory for the KV cache")
             config = self.config
+            self.slots = config.max_num_seqs
+            self._runner = ModelRunner(self.loaded, self.slots, config.max_len)
+            prefill_tokens = max(config.max_len, config.prefill_token_budget)
             self.kv_blocks = plan_blocks(self.loaded, config.max_len, config.max_num_seqs,
                                          config.gpu_memory_utilization,
-                                         prefill_tokens=max(config.max_len, config.prefill_token_budget))
-            self.slots = config.max_num_seqs
+                                         lambda: self._runner.probe_prefill(prefill_tokens))
             use_graphs = self.loaded.device.type == "cuda" and not config.enforce_eager
             self._report_phase("capturing CUDA graphs" if use_graphs else "allocating the KV cache")
-            self._runner = ModelRunner(self.loaded, self.slots, self.kv_blocks, config.max_len, use_graphs)
+            self._runner.allocate_cache(self.kv_blocks, use_graphs)
         except Exception as exc:
             log.exception("start-up failed")
             self.error = f"{type(exc).__name__}: {exc}"

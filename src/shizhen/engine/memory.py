@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -19,11 +20,12 @@ class NotEnoughMemory(RuntimeError):
 
 
 def plan_blocks(loaded: LoadedModel, max_len: int, max_num_seqs: int, gpu_memory_utilization: float,
-                prefill_tokens: int) -> int:
+                probe_prefill: Callable[[], int]) -> int:
     """KV-cache blocks (the scratch block included) that fit in `gpu_memory_utilization` of the GPU, no more than
     `max_num_seqs` full-length sequences can use (that many on CPU).
 
-    The activation peak is measured with a prefill of the most tokens one step may prefill, as vLLM and nano-vllm do.
+    The activation peak is measured by running the engine's own prefill of the most tokens one step may prefill
+    (`probe_prefill`, which returns the bytes of the throwaway cache it wrote), as vLLM and nano-vllm do.
     """
     useful = max_num_seqs * blocks_for(max_len) + 1
     if loaded.device.type != "cuda":
@@ -34,18 +36,18 @@ def plan_blocks(loaded: LoadedModel, max_len: int, max_num_seqs: int, gpu_memory
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    with torch.inference_mode():
-        loaded.model(input_ids=torch.zeros(1, prefill_tokens, dtype=torch.long, device=loaded.device), use_cache=False,
-                     logits_to_keep=1)
+    before = torch.cuda.memory_allocated()
+    probe_bytes = probe_prefill()
     torch.cuda.synchronize()
+    activation = torch.cuda.max_memory_allocated() - before - probe_bytes
+    torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info()
     used = total - free
-    peak, current = torch.cuda.max_memory_allocated(), torch.cuda.memory_allocated()
-    budget = total * gpu_memory_utilization - used - peak + current
+    budget = total * gpu_memory_utilization - used - activation
     blocks = min(useful, int(budget // (BLOCK_SIZE * per_token)))
     log.info("GPU memory: %.1f GiB total, %.1f GiB in use, activation peak %.2f GiB; KV cache budget %.2f GiB "
-             "(%d KiB per token) → %d blocks of %d tokens (%d tokens)", total / GIB, used / GIB,
-             (peak - current) / GIB, budget / GIB, per_token // 1024, blocks, BLOCK_SIZE, (blocks - 1) * BLOCK_SIZE)
+             "(%d KiB per token) → %d blocks of %d tokens (%d tokens)", total / GIB, used / GIB, activation / GIB,
+             budget / GIB, per_token // 1024, blocks, BLOCK_SIZE, (blocks - 1) * BLOCK_SIZE)
     if blocks < blocks_for(max_len) + 1:
         raise NotEnoughMemory(
             f"the KV cache needs {max_len * per_token / GIB:.2f} GiB for one {max_len}-token sequence but only "

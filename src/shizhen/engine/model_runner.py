@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .device_copy import to_device
+from .allocation import blocks_for
 from .kv_cache import KVCache
 from .loader import LoadedModel
 from .prompt import PromptInputs
@@ -37,17 +38,20 @@ def buckets(candidates: tuple[int, ...], limit: int) -> list[int]:
 
 
 class ModelRunner:
-    def __init__(self, loaded: LoadedModel, slots: int, blocks: int, max_len: int, use_graphs: bool):
+    """Built in two steps: the runner (weights regrouped, `probe_prefill` usable for memory planning), then
+    `allocate_cache` with the planned number of KV blocks, which also captures the decode graphs."""
+
+    def __init__(self, loaded: LoadedModel, slots: int, max_len: int):
         self._loaded = loaded
         self._model = loaded.model
-        config = loaded.model.model.language_model.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self._config = config = loaded.model.model.language_model.config
+        self._head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         device = loaded.device
-        self.kv = KVCache(config.num_hidden_layers, blocks, slots, config.num_key_value_heads, max_len, head_dim,
-                          loaded.dtype, device)
+        self.kv: KVCache | None = None
+        self._slots, self._max_len = slots, max_len
         self.batch_buckets = buckets(BATCH_BUCKETS, slots)
         self.length_buckets = buckets(LENGTH_BUCKETS, max_len)
-        self._text = TextStack(loaded.model, self.kv)
+        self._text = TextStack(loaded.model)
         # the decode step's inputs: token, rotary position and cache length per slot
         self._inputs = torch.zeros(3, slots, dtype=torch.long, device=device)
         # positions, cache lengths and row slots travel packed in one copy from pinned host memory (a pageable or
@@ -60,6 +64,27 @@ class ModelRunner:
         self._row_slots = torch.zeros(slots, dtype=torch.long, device=device)
         self._logits = torch.zeros(slots, config.vocab_size, dtype=loaded.dtype, device=device)
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+
+    def _cache(self, blocks: int, slots: int, max_len: int) -> KVCache:
+        config = self._config
+        return KVCache(config.num_hidden_layers, blocks, slots, config.num_key_value_heads, max_len, self._head_dim,
+                       self._loaded.dtype, self._loaded.device)
+
+    @torch.inference_mode()
+    def probe_prefill(self, tokens: int) -> int:
+        """Prefill one `tokens`-token prompt into a throwaway cache, as memory planning measures the activation
+        peak with; returns the bytes that cache took (not part of the peak that matters)."""
+        device = self._loaded.device
+        probe = self._cache(blocks_for(tokens) + 1, 1, tokens)
+        probe.block_tables[0] = torch.arange(1, blocks_for(tokens) + 1, device=device)
+        positions = torch.arange(tokens, device=device).view(1, 1, -1).expand(3, 1, -1)
+        zero = torch.zeros(1, dtype=torch.long, device=device)
+        self._text.prefill(probe, torch.zeros(1, tokens, dtype=torch.long, device=device), positions, zero,
+                           zero + tokens - 1, {})
+        return sum(t.numel() * t.element_size() for t in [*probe.keys, *probe.values, probe.block_tables])
+
+    def allocate_cache(self, blocks: int, use_graphs: bool) -> None:
+        self.kv = self._cache(blocks, self._slots, self._max_len)
         if use_graphs:
             self._capture_graphs()
 
@@ -87,7 +112,7 @@ class ModelRunner:
             positions[:, row, : prompt.num_tokens] = row_positions[:, 0]
             deltas.append(delta)
         last = to_device(torch.tensor([prompt.num_tokens - 1 for prompt in prompts]), device)
-        return self._text.prefill(input_ids, positions, slots, last, self._vision_inputs(prompts)), deltas
+        return self._text.prefill(self.kv, input_ids, positions, slots, last, self._vision_inputs(prompts)), deltas
 
     def _vision_inputs(self, prompts: list[PromptInputs]) -> dict[str, torch.Tensor]:
         with_images = [prompt for prompt in prompts if prompt.pixel_values is not None]
@@ -146,7 +171,7 @@ class ModelRunner:
 
     def _decode_step(self, batch: int, length: int) -> None:
         tokens, positions, cache_lens = self._inputs[0, :batch], self._inputs[1, :batch], self._inputs[2, :batch]
-        self._logits[:batch].copy_(self._text.decode(tokens, positions, cache_lens, length))
+        self._logits[:batch].copy_(self._text.decode(self.kv, tokens, positions, cache_lens, length))
 
     @torch.inference_mode()
     def _capture_graphs(self) -> None:

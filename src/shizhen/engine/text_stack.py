@@ -40,25 +40,21 @@ class _Layer:
 
 
 class TextStack:
-    def __init__(self, model: nn.Module, kv: KVCache):
-        """`model`: a Qwen2_5_VLForConditionalGeneration; `kv`: the cache both paths write."""
+    def __init__(self, model: nn.Module):
+        """`model`: a Qwen2_5_VLForConditionalGeneration."""
         self._model = model.model
         self._text = model.model.language_model
         self._lm_head = model.lm_head
-        self._kv = kv
         config = self._text.config
         self._heads, self._kv_heads = config.num_attention_heads, config.num_key_value_heads
         self._image_token_id = model.config.image_token_id
         self._layers = [_stack_projections(layer) for layer in self._text.layers]
         self._scale = self._text.layers[0].self_attn.scaling
-        device = self._lm_head.weight.device
-        self._slot_ids = torch.arange(kv.slots, device=device)
-        self._positions = torch.arange(kv.max_len, device=device)
 
     @torch.inference_mode()
-    def prefill(self, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, last: torch.Tensor,
-                vision: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Prompts [batch, length] (right-padded) into their `slots` (whose block tables are set), with rotary
+    def prefill(self, kv: KVCache, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                last: torch.Tensor, vision: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Prompts [batch, length] (right-padded) into their `slots` of `kv` (block tables set), with rotary
         positions [3, batch, length] and the images in `vision` (pixel_values, image_grid_thw) for their
         placeholder tokens. Returns the logits at each prompt's `last` position. Padding writes K/V past its
         prompt's end (or into the scratch block), which decode overwrites before anything reads it; causal
@@ -72,24 +68,23 @@ class TextStack:
             embeds = embeds.masked_scatter(placeholders, images)
         cos, sin = (table.reshape(batch * length, -1) for table in self._text.rotary_emb(embeds, positions))
         token_slots = slots.repeat_interleave(length)
-        token_positions = self._positions[:length].repeat(batch)
+        token_positions = torch.arange(length, device=input_ids.device).repeat(batch)
 
         def attend(index: int, qkv: torch.Tensor) -> torch.Tensor:
-            query = kernels.rotary_to_cache(qkv, cos, sin, self._kv.keys[index], self._kv.values[index],
-                                            self._kv.block_tables, token_slots, token_positions, self._heads,
-                                            self._kv_heads)
+            query = kernels.rotary_to_cache(qkv, cos, sin, kv.keys[index], kv.values[index], kv.block_tables,
+                                            token_slots, token_positions, self._heads, self._kv_heads)
             query = query.view(batch, length, self._heads, -1).transpose(1, 2)
-            keys, values = self._kv.gather(index, slots, length)
+            keys, values = kv.gather(index, slots, length)
             with sdpa_kernel(PREFILL_ATTENTION):
                 out = F.scaled_dot_product_attention(query, keys, values, is_causal=length > 1, scale=self._scale,
                                                      enable_gqa=True)
             return out.transpose(1, 2).reshape(batch * length, -1)
 
         hidden = self._run_layers(embeds.view(batch * length, -1), attend).view(batch, length, -1)
-        return kernels.linear(hidden[self._slot_ids[:batch], last], self._lm_head.weight)
+        return kernels.linear(hidden[torch.arange(batch, device=last.device), last], self._lm_head.weight)
 
     @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor,
+    def decode(self, kv: KVCache, tokens: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor,
                length: int) -> torch.Tensor:
         """tokens, positions, cache_lens: [batch], row i being slot i; the fed token goes to position cache_lens[i]
         of its sequence, and no row attends beyond `length` positions. Returns logits [batch, vocab]."""
@@ -98,10 +93,10 @@ class TextStack:
         # a text token's three rotary position axes are equal
         cos, sin = (table.reshape(batch, -1) for table in
                     self._text.rotary_emb(residual, positions.view(1, batch, 1).expand(3, batch, 1)))
-        slots = self._slot_ids[:batch]
+        slots = torch.arange(batch, device=tokens.device)
 
         def attend(index: int, qkv: torch.Tensor) -> torch.Tensor:
-            keys, values, tables = self._kv.keys[index], self._kv.values[index], self._kv.block_tables
+            keys, values, tables = kv.keys[index], kv.values[index], kv.block_tables
             query = kernels.rotary_to_cache(qkv, cos, sin, keys, values, tables, slots, cache_lens, self._heads,
                                             self._kv_heads)
             return kernels.decode_attention(query, keys, values, tables, cache_lens, self._scale, length)
