@@ -1,4 +1,5 @@
-"""What the benchmarks share: JSON-line output and a real `shizhen serve` on the tiny checkpoint."""
+"""What the benchmarks share: JSON-line output, GPU timing of CUDA graphs and a real `shizhen serve` on the tiny
+checkpoint."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import torch
 
 
 def emit(rows: list[dict], row: dict) -> None:
@@ -21,6 +23,18 @@ def write_json(rows: list[dict], path: Path | None) -> None:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+
+
+def replay_ms(graph: torch.cuda.CUDAGraph, repeats: int = 20) -> float:
+    """GPU milliseconds per replay of `graph`, measured with CUDA events after one warm replay."""
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / repeats
 
 
 def serve_tiny(checkpoint: Path, port: int, *flags: str) -> subprocess.Popen:

@@ -19,7 +19,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
-from common import emit, write_json
+from common import emit, replay_ms, write_json
 from engine_throughput import PROMPT_TOKENS, build, run_requests, start_engine, text_prompt
 from torch.profiler import ProfilerActivity, profile
 
@@ -44,18 +44,6 @@ def kernel_times(runner: ModelRunner, batch: int, length: int) -> dict[str, tupl
             totals[event.name][0] += event.device_time / STEPS
             totals[event.name][1] += 1 / STEPS
     return {name: (us, round(count)) for name, (us, count) in totals.items()}
-
-
-def replay_ms(runner: ModelRunner, batch: int, length: int) -> float:
-    graph = runner._graphs[(batch, length)]
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(20):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / 20
 
 
 @contextlib.contextmanager
@@ -127,7 +115,7 @@ def decode_steps(runner: ModelRunner, text_bytes: int, args, rows: list[dict]) -
     length = next(size for size in runner.length_buckets if size > args.cache_len)
     for batch in args.batches:
         kernels = kernel_times(runner, batch, length)
-        step_ms = replay_ms(runner, batch, length)
+        step_ms = replay_ms(runner._graphs[(batch, length)])
         total_us = sum(us for us, _ in kernels.values())
         emit(rows, {"bench": "decode_step", "batch": batch, "attended_length": length, "graph_replay_ms": round(
             step_ms, 3), "kernel_ms": round(total_us / 1e3, 3), "kernels": sum(n for _, n in kernels.values()),

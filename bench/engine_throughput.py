@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import emit, write_json
+from common import emit, replay_ms, write_json
 from PIL import Image
 from transformers import (
     Qwen2_5_VLConfig,
@@ -205,15 +205,7 @@ def graph_step_times(engine: Engine, rows: list[dict]) -> None:
     for batch in (1, 8, 32, 64):
         if (batch, length) not in runner._graphs:
             continue
-        graph = runner._graphs[(batch, length)]
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        graph.replay()
-        start.record()
-        for _ in range(20):
-            graph.replay()
-        end.record()
-        end.synchronize()
-        step_ms = start.elapsed_time(end) / 20
+        step_ms = replay_ms(runner._graphs[(batch, length)])
         emit(rows, {"bench": "decode_graph_replay", "batch": batch, "attended_length": length,
                     "step_ms": round(step_ms, 2), "tok_per_s": round(batch * 1000 / step_ms, 1)})
 

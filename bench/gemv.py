@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 import torch
-from common import emit, write_json
+from common import emit, replay_ms, write_json
 from torch.nn import functional as F
 
 from shizhen.engine import kernels
@@ -20,19 +20,12 @@ SHAPES_32B = {"qkv": (7168, 5120), "o_proj": (5120, 5120), "gate_up": (55296, 51
 
 
 def microseconds_per_product(product, weights: list[torch.Tensor]) -> float:
-    graph = torch.cuda.CUDAGraph()
     product(weights[0])  # compiles the Triton kernel outside the capture
+    graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for weight in weights:
             product(weight)
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / 10 / len(weights)
+    return replay_ms(graph, repeats=10) * 1e3 / len(weights)
 
 
 def main() -> None:

@@ -49,11 +49,11 @@ def test_add_rms_norm_updates_the_residual_and_normalises(interpreted, monkeypat
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows, with_bias", [(1, True), (1, False), (3, True)])
-def test_linear(interpreted, monkeypatch, dtype, rows, with_bias):
-    x, weight, bias = torch.randn(rows, 512, dtype=dtype), torch.randn(12, 512, dtype=dtype), torch.randn(12, dtype=dtype)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_gemv(interpreted, monkeypatch, dtype, with_bias):
+    x, weight, bias = torch.randn(1, 512, dtype=dtype), torch.randn(12, 512, dtype=dtype), torch.randn(12, dtype=dtype)
     (out, _), (ref, _) = both(interpreted, monkeypatch, "linear", x, weight, bias if with_bias else None)
-    assert out.shape == (rows, 12)
+    assert out.shape == (1, 12)
     assert_close(out, ref, dtype)
 
 

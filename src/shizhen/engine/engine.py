@@ -147,10 +147,9 @@ class Engine:
             config = self.config
             self.slots = config.max_num_seqs
             self._runner = ModelRunner(self.loaded, self.slots, config.max_len)
-            prefill_tokens = max(config.max_len, config.prefill_token_budget)
-            self.kv_blocks = plan_blocks(self.loaded, config.max_len, config.max_num_seqs,
+            self.kv_blocks = plan_blocks(self._runner, config.max_len, config.max_num_seqs,
                                          config.gpu_memory_utilization,
-                                         lambda: self._runner.probe_prefill(prefill_tokens))
+                                         prefill_tokens=max(config.max_len, config.prefill_token_budget))
             use_graphs = self.loaded.device.type == "cuda" and not config.enforce_eager
             self._report_phase("capturing CUDA graphs" if use_graphs else "allocating the KV cache")
             self._runner.allocate_cache(self.kv_blocks, use_graphs)

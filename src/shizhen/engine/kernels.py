@@ -123,7 +123,8 @@ def decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
         return out.reshape(batch, heads * dim)
     splits = _attention_splits(query.device, batch * kv_heads, length)
     out = torch.empty(batch, heads * dim, dtype=query.dtype, device=query.device)
-    partial = torch.empty(batch, heads, splits, dim + 2, dtype=torch.float32, device=query.device) if splits > 1 else out
+    partial = (torch.empty(batch, heads, splits, dim + 2, dtype=torch.float32, device=query.device)
+               if splits > 1 else out)  # the kernel writes it only when there are splits to merge
     group = heads // kv_heads
     _decode_attention_kernel[(batch, kv_heads, splits)](
         query, keys, values, block_tables, cache_lens, out, partial, scale, block_tables.stride(0),

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import torch
 
 from .allocation import BLOCK_SIZE, blocks_for
-from .kv_cache import KVCache
-from .loader import LoadedModel
+from .model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
 GIB = 1024**3
@@ -19,25 +17,23 @@ class NotEnoughMemory(RuntimeError):
     pass
 
 
-def plan_blocks(loaded: LoadedModel, max_len: int, max_num_seqs: int, gpu_memory_utilization: float,
-                probe_prefill: Callable[[], int]) -> int:
+def plan_blocks(runner: ModelRunner, max_len: int, max_num_seqs: int, gpu_memory_utilization: float,
+                prefill_tokens: int) -> int:
     """KV-cache blocks (the scratch block included) that fit in `gpu_memory_utilization` of the GPU, no more than
     `max_num_seqs` full-length sequences can use (that many on CPU).
 
     The activation peak is measured by running the engine's own prefill of the most tokens one step may prefill
-    (`probe_prefill`, which returns the bytes of the throwaway cache it wrote), as vLLM and nano-vllm do.
+    (into a throwaway cache, whose bytes do not count), as vLLM and nano-vllm do.
     """
     useful = max_num_seqs * blocks_for(max_len) + 1
-    if loaded.device.type != "cuda":
+    if runner.device.type != "cuda":
         return useful
-    config = loaded.model.model.language_model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    per_token = KVCache.bytes_per_token(config.num_hidden_layers, config.num_key_value_heads, head_dim, loaded.dtype)
+    per_token = runner.kv_bytes_per_token
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    probe_bytes = probe_prefill()
+    probe_bytes = runner.probe_prefill(prefill_tokens)
     torch.cuda.synchronize()
     activation = torch.cuda.max_memory_allocated() - before - probe_bytes
     torch.cuda.empty_cache()

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .device_copy import to_device
 from .allocation import blocks_for
+from .device_copy import to_device
 from .kv_cache import KVCache
 from .loader import LoadedModel
 from .prompt import PromptInputs
@@ -46,7 +46,9 @@ class ModelRunner:
         self._model = loaded.model
         self._config = config = loaded.model.model.language_model.config
         self._head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        device = loaded.device
+        self.device = device = loaded.device
+        self.kv_bytes_per_token = KVCache.bytes_per_token(config.num_hidden_layers, config.num_key_value_heads,
+                                                          self._head_dim, loaded.dtype)
         self.kv: KVCache | None = None
         self._slots, self._max_len = slots, max_len
         self.batch_buckets = buckets(BATCH_BUCKETS, slots)
@@ -68,13 +70,13 @@ class ModelRunner:
     def _cache(self, blocks: int, slots: int, max_len: int) -> KVCache:
         config = self._config
         return KVCache(config.num_hidden_layers, blocks, slots, config.num_key_value_heads, max_len, self._head_dim,
-                       self._loaded.dtype, self._loaded.device)
+                       self._loaded.dtype, self.device)
 
     @torch.inference_mode()
     def probe_prefill(self, tokens: int) -> int:
         """Prefill one `tokens`-token prompt into a throwaway cache, as memory planning measures the activation
         peak with; returns the bytes that cache took (not part of the peak that matters)."""
-        device = self._loaded.device
+        device = self.device
         probe = self._cache(blocks_for(tokens) + 1, 1, tokens)
         probe.block_tables[0] = torch.arange(1, blocks_for(tokens) + 1, device=device)
         positions = torch.arange(tokens, device=device).view(1, 1, -1).expand(3, 1, -1)
@@ -94,7 +96,7 @@ class ModelRunner:
         """Run prompts (and their images) into their slots and KV blocks — (slot, blocks, prompt) each — in one
         forward pass, right-padded to the longest. Returns each prompt's last-position logits
         [len(admitted), vocab] and rope deltas."""
-        device = self._loaded.device
+        device = self.device
         prompts = [prompt for _, _, prompt in admitted]
         tables = torch.zeros(len(admitted), self.kv.block_tables.shape[1], dtype=torch.long)
         for row, (_, blocks, _) in enumerate(admitted):
@@ -118,7 +120,7 @@ class ModelRunner:
         with_images = [prompt for prompt in prompts if prompt.pixel_values is not None]
         if not with_images:
             return {}
-        device = self._loaded.device
+        device = self.device
         return {
             "pixel_values": to_device(torch.cat([p.pixel_values for p in with_images]), device).to(self._loaded.dtype),
             "image_grid_thw": to_device(torch.cat([p.image_grid_thw for p in with_images]), device),

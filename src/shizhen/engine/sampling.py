@@ -85,10 +85,10 @@ class BatchSampler:
         self._ints.index_copy_(0, rows, to_device(torch.tensor(ints), self._device))
         self._counts.index_fill_(0, rows, 0.0)
         self._seen.index_fill_(0, rows, False)
-        prompt_rows = torch.cat([torch.full((len(ids),), index) for index, (_, _, ids) in enumerate(admissions)])
+        prompt_slots = torch.cat([torch.full((len(ids),), slot) for slot, _, ids in admissions])
+        prompt_slots = to_device(prompt_slots, self._device)
         prompt_ids = to_device(torch.cat([ids for _, _, ids in admissions]), self._device)
-        self._seen.index_put_((rows[to_device(prompt_rows, self._device)], prompt_ids),
-                              torch.ones_like(prompt_ids, dtype=torch.bool))
+        self._seen.index_put_((prompt_slots, prompt_ids), torch.ones_like(prompt_ids, dtype=torch.bool))
         return rows
 
     def release(self, slot: int) -> None:

@@ -1,4 +1,4 @@
-"""The text model's layers as explicit code over the paged KV cache: prefill of whole prompts and one-token decode steps.
+"""The text model's layers as explicit code over the paged KV cache: prefill of whole prompts, one-token decode.
 
 transformers' layers launch ~20 kernels per layer; these launch ~8 (kernels.py): RMSNorm fused with the residual add
 before it, q/k/v as one projection and gate/up as another (their weights are stacked here, once), rotary embedding
