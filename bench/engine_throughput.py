@@ -5,6 +5,8 @@ Run on a GPU (the `device` tool); prints JSON lines, `--json PATH` also writes t
   - engine: one stream (tok/s and GB/s of weights read), time to first token of text prompts of new lengths and of
     a 448x448 image + 200 text tokens,
     8/32/64 concurrent requests arriving over one second (aggregate tok/s, p50/p95 TTFT and inter-token latency),
+    the same for 64 requests with a phone photo each (the largest image the server takes: prefill is mostly the
+    vision tower's and the image tokens'),
     start-up time (memory planning + CUDA graph capture), KV capacity and peak GPU memory.
 `--check` instead compares greedy outputs of staggered, batched text and image requests with `generate` alone on a
 model of the real widths and `--layers` layers. `--tiny` runs either mode on a tiny config (CPU smoke test).
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import statistics
 import sys
 import time
@@ -92,12 +95,11 @@ def text_prompt(length: int, seed: int) -> PromptInputs:
     return PromptInputs(input_ids=torch.cat([head, body, tail])[None])
 
 
-def image_prompt(loaded: LoadedModel) -> PromptInputs:
-    photo = Image.effect_noise((448, 448), 50).convert("RGB")
+def image_prompt(loaded: LoadedModel, size: tuple[int, int] = (448, 448), repeats: int = 40) -> PromptInputs:
+    """A photo of `size` (noise: each call a different one) and the question `repeats` times (40: ~200 tokens)."""
+    photo = Image.effect_noise(size, 50).convert("RGB")
     builder = PromptBuilder(loaded.processor, Settings().image_min_pixels, Settings().image_max_pixels)
-    text = "请从中医角度解读这张舌苔。" * 40
-    prompt = builder.build([ChatTurn("user", (photo, text))])
-    return prompt
+    return builder.build([ChatTurn("user", (photo, "请从中医角度解读这张舌苔。" * repeats))])
 
 
 def sync() -> None:
@@ -146,8 +148,8 @@ def percentile(values: list[float], share: float) -> float:
 
 def start_engine(loaded: LoadedModel, args) -> Engine:
     engine = Engine(lambda report_phase: loaded, EngineConfig(
-        max_len=args.max_len, max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization,
-        enforce_eager=args.eager))
+        max_len=args.max_len, image_min_pixels=Settings().image_min_pixels, image_max_pixels=Settings().image_max_pixels,
+        max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.eager))
     engine.start()
     while engine.state is EngineState.LOADING:
         time.sleep(0.05)
@@ -181,19 +183,29 @@ async def engine_benchmarks(engine: Engine, loaded: LoadedModel, text_bytes: int
 
     for concurrency in args.concurrency:
         prompts = [text_prompt(PROMPT_TOKENS, 1000 + i) for i in range(concurrency)]
-        arrivals = [i / concurrency for i in range(concurrency)]  # spread over one second
-        started = time.perf_counter()
-        results = await run_requests(engine, prompts, [NEW_TOKENS] * concurrency, arrivals)
-        finished = max(times[-1] for _, times, _ in results)
-        ttft = [times[0] - submitted for submitted, times, _ in results]
-        itl = [b - a for _, times, _ in results for a, b in zip(times, times[1:])]
-        emit(rows, {"bench": "engine_concurrent", "requests": concurrency, "prompt_tokens": PROMPT_TOKENS,
-                    "new_tokens": NEW_TOKENS, "arrivals_over_s": 1.0,
-                    "aggregate_tok_per_s": round(concurrency * NEW_TOKENS / (finished - started), 1),
-                    "ttft_p50_ms": round(percentile(ttft, 0.5) * 1e3, 1),
-                    "ttft_p95_ms": round(percentile(ttft, 0.95) * 1e3, 1),
-                    "itl_p50_ms": round(percentile(itl, 0.5) * 1e3, 2),
-                    "itl_p95_ms": round(percentile(itl, 0.95) * 1e3, 2)})
+        await concurrent_requests(engine, prompts, rows, {"bench": "engine_concurrent", "prompt_tokens": PROMPT_TOKENS})
+    for concurrency in args.photo_concurrency:  # phone photos, downscaled to the largest image the server takes
+        prompts = [image_prompt(loaded, (1536, 1152), repeats=1) for _ in range(concurrency)]
+        await concurrent_requests(engine, prompts, rows, {
+            "bench": "engine_concurrent_photos", "photo": "1536x1152",
+            "prompt_tokens": prompts[0].num_tokens, "image_tokens": prompts[0].num_image_tokens})
+
+
+async def concurrent_requests(engine: Engine, prompts: list[PromptInputs], rows: list[dict], labels: dict) -> None:
+    """The prompts arriving spread over one second, NEW_TOKENS each: aggregate tok/s, TTFT and inter-token latency."""
+    concurrency = len(prompts)
+    arrivals = [i / concurrency for i in range(concurrency)]
+    started = time.perf_counter()
+    results = await run_requests(engine, prompts, [NEW_TOKENS] * concurrency, arrivals)
+    finished = max(times[-1] for _, times, _ in results)
+    ttft = [times[0] - submitted for submitted, times, _ in results]
+    itl = [b - a for _, times, _ in results for a, b in zip(times, times[1:])]
+    emit(rows, labels | {"requests": concurrency, "new_tokens": NEW_TOKENS, "arrivals_over_s": 1.0,
+                         "aggregate_tok_per_s": round(concurrency * NEW_TOKENS / (finished - started), 1),
+                         "ttft_p50_ms": round(percentile(ttft, 0.5) * 1e3, 1),
+                         "ttft_p95_ms": round(percentile(ttft, 0.95) * 1e3, 1),
+                         "itl_p50_ms": round(percentile(itl, 0.5) * 1e3, 2),
+                         "itl_p95_ms": round(percentile(itl, 0.95) * 1e3, 2)})
 
 
 def graph_step_times(engine: Engine, rows: list[dict]) -> None:
@@ -268,15 +280,18 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="compare greedy outputs with generate instead")
     parser.add_argument("--tiny", action="store_true", help="a tiny config (smoke test on CPU)")
     parser.add_argument("--layers", type=int, help="fewer text layers than the real 64")
-    parser.add_argument("--max-len", type=int, default=512)
+    parser.add_argument("--max-len", type=int, default=2048, help="context per sequence (a photo prompt is ~800)")
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.95)
     parser.add_argument("--eager", action="store_true")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: bf16 on GPU")
     parser.add_argument("--concurrency", type=int, nargs="*", default=[8, 32, 64])
+    parser.add_argument("--photo-concurrency", type=int, nargs="*", default=[64],
+                        help="concurrent requests with a largest-size photo each")
     parser.add_argument("--baseline-batches", type=int, nargs="*", default=[1, 32])
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)  # the engine's start-up log: memory plan, graphs
     if args.check:
         args.max_len = max(args.max_len, 1024)  # the image prompts plus their completions
     rows = check(args) if args.check else speed(args)

@@ -18,7 +18,7 @@ from common import emit, serve_tiny, write_json
 
 from shizhen.engine.engine import Engine, EngineConfig, EngineState
 from shizhen.engine.loader import load_model
-from shizhen.engine.prompt import ChatTurn, PromptBuilder
+from shizhen.engine.prompt import ChatTurn
 from shizhen.engine.request import GenerationRequest
 from shizhen.engine.sampling import SamplingParams
 from shizhen.tiny_checkpoint import build_tiny_checkpoint
@@ -29,11 +29,12 @@ PIXELS = {"min_pixels": 28 * 28 * 4, "max_pixels": 28 * 28 * 64}
 
 def direct_seconds(checkpoint: Path, tokens: int, repeats: int) -> list[float]:
     """Prompt building plus generation through the engine in-process: everything but HTTP."""
-    engine = Engine(lambda report_phase: load_model(str(checkpoint)), EngineConfig(max_len=4096, max_num_seqs=8))
+    engine = Engine(lambda report_phase: load_model(str(checkpoint)), EngineConfig(
+        max_len=4096, max_num_seqs=8, image_min_pixels=PIXELS["min_pixels"], image_max_pixels=PIXELS["max_pixels"]))
     engine.start()
     while engine.state is EngineState.LOADING:
         time.sleep(0.01)
-    builder = PromptBuilder(engine.loaded.processor, PIXELS["min_pixels"], PIXELS["max_pixels"])
+    builder = engine.prompt_builder
     params = SamplingParams(max_new_tokens=tokens, temperature=0, ignore_eos=True)
 
     async def one() -> float:

@@ -1,4 +1,4 @@
-"""The engine's plain-Python parts: text release, stop strings, sampling rules and admission."""
+"""The engine's parts on their own: text release, stop strings, sampling rules, admission and memory planning."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import torch
 from transformers import AutoTokenizer
 
 from shizhen.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from shizhen.engine.prompt import PromptInputs
+from shizhen.engine.loader import load_model
+from shizhen.engine.model_runner import ModelRunner
+from shizhen.engine.prompt import PromptBuilder, PromptInputs
 from shizhen.engine.request import GenerationRequest, RequestStream
 from shizhen.engine.sampling import BatchSampler, SamplingParams
 from shizhen.engine.scheduler import Scheduler
@@ -94,3 +96,26 @@ def test_admission_waits_for_kv_blocks_as_well_as_slots():
     assert [len(blocks) for _, _, blocks in second] == [5] and len(scheduler.waiting) == 1
     assert 0 not in second[0][2]
     loop.close()
+
+
+def test_memory_planning_prefills_the_heaviest_prompt_images_included(tiny_checkpoint):
+    """The prefill that measures the activation peak fills the whole token budget with as many largest-size images
+    as fit, so the vision tower is part of what the KV cache is sized around; it runs through the engine's own
+    prefill into a throwaway cache."""
+    loaded = load_model(str(tiny_checkpoint))
+    builder = PromptBuilder(loaded.processor, image_min_pixels=64 * 28 * 28, image_max_pixels=256 * 28 * 28)
+    images_seen = []
+    loaded.model.model.visual.register_forward_hook(
+        lambda module, args, kwargs, output: images_seen.append(len(kwargs["grid_thw"])), with_kwargs=True)
+
+    prompt = builder.planning_prompt(1100)
+    assert prompt.num_tokens == 1100 and prompt.num_image_tokens == 4 * 256  # a fifth image would not fit
+    runner = ModelRunner(loaded, slots=2, max_len=1100)
+    cache_bytes = runner.probe_prefill(prompt)
+    assert images_seen == [4]
+    assert cache_bytes >= 1100 * runner.kv_bytes_per_token
+
+    text_only = builder.planning_prompt(200)
+    assert text_only.num_tokens == 200 and text_only.pixel_values is None
+    runner.probe_prefill(text_only)
+    assert images_seen == [4]

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from .config import Settings
 from .engine.engine import Engine, EngineState
-from .engine.prompt import ChatTurn, Part, PromptBuilder, PromptInputs
+from .engine.prompt import ChatTurn, Part, PromptInputs
 from .engine.request import EngineFailure, GenerationOutput, GenerationRequest
 from .engine.sampling import SamplingParams
 from .errors import (
@@ -55,7 +55,6 @@ class ChatService:
         self._settings = settings
         self._engine = engine
         self._metrics = metrics
-        self._prompt_builder: PromptBuilder | None = None
         self.images = ImageIntake(settings, metrics)
         self.draining = False  # set on SIGTERM: finish what runs, take nothing new
 
@@ -97,15 +96,8 @@ class ChatService:
         if record is not None:
             record.model = self._settings.model_name
         turns = await self._turns(body.messages, image_param)
-        prompt = await asyncio.to_thread(self._builder().build, turns)
+        prompt = await asyncio.to_thread(self._engine.prompt_builder.build, turns)
         return GenerationRequest(completion_id(), prompt, self._sampling(body, prompt), arrived=arrived)
-
-    def _builder(self) -> PromptBuilder:
-        if self._prompt_builder is None:
-            self._prompt_builder = PromptBuilder(
-                self._engine.loaded.processor, self._settings.image_min_pixels, self._settings.image_max_pixels
-            )
-        return self._prompt_builder
 
     async def _turns(self, messages: list[ChatMessage], image_param: str | None) -> list[ChatTurn]:
         image_count = sum(

@@ -105,6 +105,8 @@ def create_app(settings: Settings, model_source: str | None = None) -> FastAPI:
 def engine_config(settings: Settings) -> EngineConfig:
     return EngineConfig(
         max_len=settings.max_context_length,
+        image_min_pixels=settings.image_min_pixels,
+        image_max_pixels=settings.image_max_pixels,
         max_num_seqs=settings.max_num_seqs,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         enforce_eager=settings.enforce_eager,

@@ -26,6 +26,7 @@ from .detokenizer import IncrementalDetokenizer, StopStringMatcher
 from .loader import LoadedModel
 from .memory import plan_blocks
 from .model_runner import DecodeRow, ModelRunner
+from .prompt import PromptBuilder
 from .request import EngineFailure, GenerationRequest, RequestStream
 from .sampling import BatchSampler
 from .scheduler import Scheduler
@@ -63,6 +64,8 @@ def _in_flight(sequences: list[Sequence], tokens: torch.Tensor) -> InFlightStep:
 @dataclass(frozen=True)
 class EngineConfig:
     max_len: int  # prompt + completion tokens per sequence (the context length)
+    image_min_pixels: int  # images are resized into this range before the vision tower
+    image_max_pixels: int
     max_num_seqs: int = 64
     gpu_memory_utilization: float = 0.92
     enforce_eager: bool = False  # no CUDA graphs: slower, but debuggable
@@ -81,6 +84,7 @@ class Engine:
         self.phase = "starting"
         self.error: str | None = None
         self.loaded: LoadedModel | None = None
+        self.prompt_builder: PromptBuilder | None = None  # CPU-side: conversations → this model's inputs
         self.load_seconds: float | None = None
         self.slots = 0  # sequences that can run at once (max_num_seqs)
         self.kv_blocks = 0
@@ -143,11 +147,13 @@ class Engine:
         started = time.perf_counter()
         try:
             self.loaded = self._load(self._report_phase)
-            self._report_phase("planning GPU memory for the KV cache")
             config = self.config
+            self.prompt_builder = PromptBuilder(self.loaded.processor, config.image_min_pixels,
+                                                config.image_max_pixels)
+            self._report_phase("planning GPU memory for the KV cache")
             self.slots = config.max_num_seqs
             self._runner = ModelRunner(self.loaded, self.slots, config.max_len)
-            self.kv_blocks = plan_blocks(self._runner, config.max_len, config.max_num_seqs,
+            self.kv_blocks = plan_blocks(self._runner, self.prompt_builder, config.max_len, config.max_num_seqs,
                                          config.gpu_memory_utilization,
                                          prefill_tokens=max(config.max_len, config.prefill_token_budget))
             use_graphs = self.loaded.device.type == "cuda" and not config.enforce_eager

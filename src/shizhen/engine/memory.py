@@ -8,6 +8,7 @@ import torch
 
 from .allocation import BLOCK_SIZE, blocks_for
 from .model_runner import ModelRunner
+from .prompt import PromptBuilder
 
 log = logging.getLogger(__name__)
 GIB = 1024**3
@@ -17,13 +18,13 @@ class NotEnoughMemory(RuntimeError):
     pass
 
 
-def plan_blocks(runner: ModelRunner, max_len: int, max_num_seqs: int, gpu_memory_utilization: float,
-                prefill_tokens: int) -> int:
+def plan_blocks(runner: ModelRunner, builder: PromptBuilder, max_len: int, max_num_seqs: int,
+                gpu_memory_utilization: float, prefill_tokens: int) -> int:
     """KV-cache blocks (the scratch block included) that fit in `gpu_memory_utilization` of the GPU, no more than
     `max_num_seqs` full-length sequences can use (that many on CPU).
 
-    The activation peak is measured by running the engine's own prefill of the most tokens one step may prefill
-    (into a throwaway cache, whose bytes do not count), as vLLM and nano-vllm do.
+    The activation peak is measured by running the engine's own prefill of the most tokens one step may prefill,
+    as many of them image tokens as fit (into a throwaway cache, whose bytes do not count), as vLLM does.
     """
     useful = max_num_seqs * blocks_for(max_len) + 1
     if runner.device.type != "cuda":
@@ -33,7 +34,7 @@ def plan_blocks(runner: ModelRunner, max_len: int, max_num_seqs: int, gpu_memory
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    probe_bytes = runner.probe_prefill(prefill_tokens)
+    probe_bytes = runner.probe_prefill(builder.planning_prompt(prefill_tokens))
     torch.cuda.synchronize()
     activation = torch.cuda.max_memory_allocated() - before - probe_bytes
     torch.cuda.empty_cache()

@@ -73,16 +73,12 @@ class ModelRunner:
                        self._loaded.dtype, self.device)
 
     @torch.inference_mode()
-    def probe_prefill(self, tokens: int) -> int:
-        """Prefill one `tokens`-token prompt into a throwaway cache, as memory planning measures the activation
-        peak with; returns the bytes that cache took (not part of the peak that matters)."""
-        device = self.device
-        probe = self._cache(blocks_for(tokens) + 1, 1, tokens)
-        probe.block_tables[0] = torch.arange(1, blocks_for(tokens) + 1, device=device)
-        positions = torch.arange(tokens, device=device).view(1, 1, -1).expand(3, 1, -1)
-        zero = torch.zeros(1, dtype=torch.long, device=device)
-        self._text.prefill(probe, torch.zeros(1, tokens, dtype=torch.long, device=device), positions, zero,
-                           zero + tokens - 1, {})
+    def probe_prefill(self, prompt: PromptInputs) -> int:
+        """Prefill `prompt` into a throwaway cache, as memory planning measures the activation peak with; returns
+        the bytes that cache took (not part of the peak that matters)."""
+        blocks = list(range(1, blocks_for(prompt.num_tokens) + 1))
+        probe = self._cache(len(blocks) + 1, 1, prompt.num_tokens)
+        self._prefill_into(probe, [(0, blocks, prompt)])
         return sum(t.numel() * t.element_size() for t in [*probe.keys, *probe.values, probe.block_tables])
 
     def allocate_cache(self, blocks: int, use_graphs: bool) -> None:
@@ -96,13 +92,17 @@ class ModelRunner:
         """Run prompts (and their images) into their slots and KV blocks — (slot, blocks, prompt) each — in one
         forward pass, right-padded to the longest. Returns each prompt's last-position logits
         [len(admitted), vocab] and rope deltas."""
+        return self._prefill_into(self.kv, admitted)
+
+    def _prefill_into(self, kv: KVCache, admitted: list[tuple[int, list[int], PromptInputs]]
+                      ) -> tuple[torch.Tensor, list[int]]:
         device = self.device
         prompts = [prompt for _, _, prompt in admitted]
-        tables = torch.zeros(len(admitted), self.kv.block_tables.shape[1], dtype=torch.long)
+        tables = torch.zeros(len(admitted), kv.block_tables.shape[1], dtype=torch.long)
         for row, (_, blocks, _) in enumerate(admitted):
             tables[row, : len(blocks)] = torch.tensor(blocks)
         slots = to_device(torch.tensor([slot for slot, _, _ in admitted]), device)
-        self.kv.block_tables[slots] = to_device(tables, device)
+        kv.block_tables[slots] = to_device(tables, device)
         longest = max(prompt.num_tokens for prompt in prompts)
         input_ids = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
         positions = torch.arange(longest, device=device).view(1, 1, -1).repeat(3, len(prompts), 1)
@@ -114,7 +114,7 @@ class ModelRunner:
             positions[:, row, : prompt.num_tokens] = row_positions[:, 0]
             deltas.append(delta)
         last = to_device(torch.tensor([prompt.num_tokens - 1 for prompt in prompts]), device)
-        return self._text.prefill(self.kv, input_ids, positions, slots, last, self._vision_inputs(prompts)), deltas
+        return self._text.prefill(kv, input_ids, positions, slots, last, self._vision_inputs(prompts)), deltas
 
     def _vision_inputs(self, prompts: list[PromptInputs]) -> dict[str, torch.Tensor]:
         with_images = [prompt for prompt in prompts if prompt.pixel_values is not None]

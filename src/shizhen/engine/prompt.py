@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from PIL import Image
@@ -61,6 +61,27 @@ class PromptBuilder:
             image_grid_thw=encoded["image_grid_thw"],
             image_token_id=self._processor.image_token_id,
         )
+
+
+    def planning_prompt(self, tokens: int) -> PromptInputs:
+        """The heaviest prefill of exactly `tokens` tokens: as many largest-size images as fit, then filler text.
+        Memory planning runs it, so the vision tower's activations are part of the measured peak (one prefill
+        step may hold that many image tokens, from however many requests)."""
+        side = int(self._image_kwargs["max_pixels"] ** 0.5)
+        largest = Image.new("RGB", (side, side), (200, 120, 120))
+
+        def with_images(count: int) -> PromptInputs:
+            return self.build([ChatTurn("user", (largest,) * count)])
+
+        one = with_images(1).num_tokens
+        per_image = with_images(2).num_tokens - one
+        count = (tokens - (one - per_image)) // per_image
+        if count < 1:
+            return PromptInputs(input_ids=torch.zeros(1, tokens, dtype=torch.long))
+        prompt = with_images(count)
+        filler = torch.zeros(1, tokens - prompt.num_tokens, dtype=torch.long)
+        return replace(prompt, input_ids=torch.cat([prompt.input_ids, filler], dim=1),
+                       mm_token_type_ids=torch.cat([prompt.mm_token_type_ids, filler], dim=1))
 
 
 def _template_content(parts: tuple[Part, ...]) -> str | list[dict]:
