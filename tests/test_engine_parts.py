@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 
 import torch
+from conftest import tongue_photo
 from transformers import AutoTokenizer
 
 from shizhen.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from shizhen.engine.loader import load_model
 from shizhen.engine.model_runner import ModelRunner
-from shizhen.engine.prompt import PromptBuilder, PromptInputs
+from shizhen.engine.prompt import ChatTurn, PromptBuilder, PromptInputs
 from shizhen.engine.request import GenerationRequest, RequestStream
 from shizhen.engine.sampling import BatchSampler, SamplingParams
 from shizhen.engine.scheduler import Scheduler
+from shizhen.engine.vision_attention import use_packed_vision_attention
 
 
 def test_detokenizer_never_splits_a_character(tiny_checkpoint):
@@ -119,3 +121,19 @@ def test_memory_planning_prefills_the_heaviest_prompt_images_included(tiny_check
     assert text_only.num_tokens == 200 and text_only.pixel_values is None
     runner.probe_prefill(text_only)
     assert images_seen == [4]
+
+
+def test_packed_vision_attention_sees_what_per_window_attention_sees(tiny_checkpoint):
+    """The engine's one-call vision attention (windows and images as rows of a masked batch) gives the image
+    features transformers' window-by-window attention gives, for images of different sizes in one call."""
+    loaded = load_model(str(tiny_checkpoint))
+    builder = PromptBuilder(loaded.processor, image_min_pixels=64 * 28 * 28, image_max_pixels=768 * 28 * 28)
+    photos = [tongue_photo(width, height) for width, height in ((1536, 1152), (300, 500), (448, 448))]
+    prompt = builder.build([ChatTurn("user", tuple(photos))])
+    visual = loaded.model.model.visual
+    with torch.inference_mode():
+        expected = visual(prompt.pixel_values, grid_thw=prompt.image_grid_thw).pooler_output
+        use_packed_vision_attention(loaded.model)
+        packed = visual(prompt.pixel_values, grid_thw=prompt.image_grid_thw).pooler_output
+    assert packed.shape == expected.shape == (prompt.num_image_tokens, loaded.model.config.text_config.hidden_size)
+    torch.testing.assert_close(packed, expected, rtol=1e-5, atol=1e-6)

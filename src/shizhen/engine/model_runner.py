@@ -19,6 +19,7 @@ from .kv_cache import KVCache
 from .loader import LoadedModel
 from .prompt import PromptInputs
 from .text_stack import TextStack
+from .vision_attention import use_packed_vision_attention
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ class ModelRunner:
         self.batch_buckets = buckets(BATCH_BUCKETS, slots)
         self.length_buckets = buckets(LENGTH_BUCKETS, max_len)
         self._text = TextStack(loaded.model)
+        use_packed_vision_attention(loaded.model)
         # the decode step's inputs: token, rotary position and cache length per slot
         self._inputs = torch.zeros(3, slots, dtype=torch.long, device=device)
         # positions, cache lengths and row slots travel packed in one copy from pinned host memory (a pageable or
