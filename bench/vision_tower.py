@@ -8,6 +8,7 @@ size are about what one prefill step (8,192 tokens) holds.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -55,10 +56,22 @@ def seconds(visual: torch.nn.Module, pixels: torch.Tensor, grid: torch.Tensor, r
     return (time.perf_counter() - started) / repeats, out
 
 
+def profile(visual: torch.nn.Module, pixels: torch.Tensor, grid: torch.Tensor) -> None:
+    """Where one pass's time goes, by operator (GPU and host time), printed to stderr."""
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                           if DEVICE.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as profiler, torch.inference_mode():
+        visual(pixels, grid_thw=grid)
+        synchronize()
+    sort = "cuda_time_total" if DEVICE.type == "cuda" else "cpu_time_total"
+    print(profiler.key_averages().table(sort_by=sort, row_limit=25), file=sys.stderr)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--photos", type=int, nargs="*", default=[1, 10])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="also print the top operators of one packed pass")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     rows: list[dict] = []
@@ -83,6 +96,8 @@ def main() -> None:
                     "speedup": round(stock_s / packed_s, 2),
                     "max_abs_difference": float((stock.float() - packed.float()).abs().max()),
                     "output_abs_mean": float(stock.float().abs().mean())})
+        if args.profile:
+            profile(visual, pixels, grid)
     write_json(rows, args.json)
 
 
