@@ -1,5 +1,6 @@
 """Continuous batching must not change answers: staggered text and image requests of different lengths, run
-together, each get exactly what plain `generate` gives that request alone (greedy)."""
+together — and preempted and recomputed when the KV cache runs out — each get exactly what plain `generate` gives
+that request alone (greedy)."""
 
 from __future__ import annotations
 
@@ -11,23 +12,24 @@ from conftest import generate_greedy, image_data_url, tongue_photo
 QUESTIONS = ["舌红苔黄", "请从中医角度解读这张舌苔。舌体胖大有齿痕，苔白腻。", "What does a pale tongue mean?"]
 
 
-def _cases():
+def _cases(max_tokens=(7, 90, 60, 12, 150, 40)):
+    """Text and image requests in turn, each question with and without a photo."""
     cases = []
     for i, question in enumerate(QUESTIONS):
-        cases.append((question, [], [7, 60, 150][i]))
+        cases.append((question, [], max_tokens[2 * i]))
         photo = tongue_photo(120 + 40 * i, 100 + 30 * i)
         cases.append(([{"type": "image_url", "image_url": {"url": image_data_url(photo)}},
-                       {"type": "text", "text": question}], [photo], [90, 12, 40][i]))
+                       {"type": "text", "text": question}], [photo], max_tokens[2 * i + 1]))
     return cases
 
 
-def test_staggered_batched_requests_match_generate_alone(server):
-    cases = _cases()
+def _ask_staggered(server, cases, spacing: float = 0.015) -> tuple[dict[int, dict], int]:
+    """Send the cases with arrivals `spacing` seconds apart (earlier requests are mid-decode); returns the replies
+    by case index and the most requests seen running at once."""
     replies: dict[int, dict] = {}
-    peak_running = 0
 
     def ask(index, content, max_tokens):
-        time.sleep(0.015 * index)  # arrivals spread while earlier requests are mid-decode
+        time.sleep(spacing * index)
         with server.client() as http:
             replies[index] = http.post("/v1/chat/completions", json={
                 "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "temperature": 0,
@@ -37,11 +39,14 @@ def test_staggered_batched_requests_match_generate_alone(server):
                for i, (content, _, max_tokens) in enumerate(cases)]
     for thread in threads:
         thread.start()
+    peak_running = 0
     while any(thread.is_alive() for thread in threads):
         peak_running = max(peak_running, server.engine.running)
         time.sleep(0.001)
-    assert peak_running >= 3, "the requests should have shared decode steps"
+    return replies, peak_running
 
+
+def _assert_each_matches_generate_alone(server, cases, replies) -> None:
     for index, (content, images, max_tokens) in enumerate(cases):
         template = content if isinstance(content, str) else [
             {"type": "image"} if part["type"] == "image_url" else part for part in content]
@@ -50,6 +55,27 @@ def test_staggered_batched_requests_match_generate_alone(server):
         reply = replies[index]
         assert reply["choices"][0]["message"]["content"] == expected, f"request {index} differs"
         assert reply["usage"]["completion_tokens"] == count
+
+
+def test_staggered_batched_requests_match_generate_alone(server):
+    cases = _cases()
+    replies, peak_running = _ask_staggered(server, cases)
+    assert peak_running >= 3, "the requests should have shared decode steps"
+    _assert_each_matches_generate_alone(server, cases, replies)
+    assert server.engine.preemptions == 0
+
+
+def test_preempted_requests_resume_and_still_match_generate_alone(start_server):
+    """With a KV cache far smaller than the requests' answers, sequences outgrow it mid-answer: the newest ones are
+    preempted and later recomputed, and every answer is still exactly what `generate` gives it alone."""
+    server = start_server(max_context_length=256, kv_cache_tokens=256)  # 4 blocks of 64 positions
+    cases = _cases(max_tokens=[140] * 6)  # any two answers together outgrow the cache
+    replies, _ = _ask_staggered(server, cases, spacing=0.0)
+    assert server.engine.preemptions > 0
+    _assert_each_matches_generate_alone(server, cases, replies)
+    with server.client() as http:
+        metrics = http.get("/metrics").text
+    assert f"shizhen:num_preemptions_total {float(server.engine.preemptions)}" in metrics
 
 
 def test_more_requests_than_slots_wait_for_a_free_slot(start_server):

@@ -13,8 +13,9 @@ from shizhen.engine.loader import load_model
 from shizhen.engine.model_runner import ModelRunner
 from shizhen.engine.prompt import ChatTurn, PromptBuilder, PromptInputs
 from shizhen.engine.request import GenerationRequest, RequestStream
-from shizhen.engine.sampling import BatchSampler, SamplingParams
+from shizhen.engine.sampling import BatchSampler, SamplingParams, SlotHistory
 from shizhen.engine.scheduler import Scheduler
+from shizhen.engine.sequence import Sequence
 from shizhen.engine.vision_attention import use_packed_vision_attention
 
 
@@ -40,9 +41,13 @@ def test_stop_matcher_holds_back_only_possible_prefixes():
     assert other.flush() == "EN"
 
 
+def _history(slot: int, params: SamplingParams, prompt: list[int], output: list[int] = ()) -> SlotHistory:
+    return SlotHistory(slot, params, params.seed or 0, torch.tensor(prompt), list(output))
+
+
 def _sample(steps: int = 1, logits=None, **params) -> list[int]:
     sampler = BatchSampler(slots=2, vocab_size=6, device=torch.device("cpu"))
-    rows = sampler.admit([(1, SamplingParams(max_new_tokens=8, **params), torch.tensor([0, 1]))])
+    rows = sampler.admit([_history(1, SamplingParams(max_new_tokens=8, **params), [0, 1])])
     logits = logits if logits is not None else torch.tensor([5.0, 4.0, 3.0, 0.0, 0.0, 0.0])
     return [int(sampler.sample(logits[None], [1], rows)[0]) for _ in range(steps)]
 
@@ -68,35 +73,82 @@ def test_rows_sample_independently_of_their_neighbours():
     """A seeded request draws the same tokens alone or beside other requests in the batch."""
     logits = torch.tensor([[1.0, 1.1, 0.9, 1.0, 1.2, 0.8]])
     alone = BatchSampler(slots=4, vocab_size=6, device=torch.device("cpu"))
-    alone_rows = alone.admit([(2, SamplingParams(max_new_tokens=8, seed=11), torch.tensor([0]))])
+    alone_rows = alone.admit([_history(2, SamplingParams(max_new_tokens=8, seed=11), [0])])
     crowded = BatchSampler(slots=4, vocab_size=6, device=torch.device("cpu"))
-    crowded_rows = crowded.admit([(slot, SamplingParams(max_new_tokens=8, seed=11 if slot == 2 else slot, top_p=0.9),
-                                   torch.tensor([0])) for slot in range(4)])
+    crowded_rows = crowded.admit([_history(slot, SamplingParams(max_new_tokens=8, seed=11 if slot == 2 else slot,
+                                                                top_p=0.9), [0]) for slot in range(4)])
     solo = [int(alone.sample(logits, [2], alone_rows)[0]) for _ in range(10)]
     together = [int(crowded.sample(logits.repeat(4, 1), [0, 1, 2, 3], crowded_rows)[2]) for _ in range(10)]
     assert solo == together
 
 
+def test_a_slot_set_up_from_history_draws_what_the_uninterrupted_one_would():
+    """A preempted sequence comes back in another slot with the tokens it produced: its penalties and its seeded
+    noise pick up exactly where they were."""
+    logits = torch.tensor([[1.0, 1.1, 0.9, 1.0, 1.2, 0.8]])
+    params = SamplingParams(max_new_tokens=20, seed=5, temperature=1.0, frequency_penalty=0.3, repetition_penalty=1.2)
+    whole = BatchSampler(slots=2, vocab_size=6, device=torch.device("cpu"))
+    rows = whole.admit([_history(0, params, [3, 4])])
+    uninterrupted = [int(whole.sample(logits, [0], rows)[0]) for _ in range(12)]
+    resumed = BatchSampler(slots=2, vocab_size=6, device=torch.device("cpu"))
+    rows = resumed.admit([_history(1, params, [3, 4], uninterrupted[:5])])
+    assert [int(resumed.sample(logits, [1], rows)[0]) for _ in range(7)] == uninterrupted[5:]
+
+
+def _waiting_request(loop, prompt_tokens: int, max_new_tokens: int = 16) -> RequestStream:
+    prompt = PromptInputs(input_ids=torch.zeros(1, prompt_tokens, dtype=torch.long))
+    return RequestStream(GenerationRequest("r", prompt, SamplingParams(max_new_tokens=max_new_tokens)), loop)
+
+
 def test_admission_waits_for_kv_blocks_as_well_as_slots():
-    """A request holds the blocks its prompt and whole completion can fill; one that does not fit waits, and so do
-    the requests behind it, until running ones give blocks back. Block 0 (scratch) is never handed out."""
+    """A request is admitted with the blocks its prompt and first decode step fill, however large its max_tokens;
+    one that does not fit waits, and so do the requests behind it, until running ones give blocks back. While
+    others run, a watermark of free blocks stays for them to grow into. Block 0 (scratch) is never handed out."""
     loop = asyncio.new_event_loop()
-
-    def request(prompt_tokens: int, max_new_tokens: int) -> RequestStream:
-        prompt = PromptInputs(input_ids=torch.zeros(1, prompt_tokens, dtype=torch.long))
-        return RequestStream(GenerationRequest("r", prompt, SamplingParams(max_new_tokens=max_new_tokens)), loop)
-
     scheduler = Scheduler(slots=4, blocks=1 + 5, prefill_token_budget=8192)  # 5 blocks of 64 positions
-    for stream in (request(100, 28), request(60, 4), request(200, 120), request(10, 10)):
-        scheduler.add(stream)
+    for prompt_tokens in (100, 60, 200, 10):
+        scheduler.add(_waiting_request(loop, prompt_tokens, max_new_tokens=4000))
     first = scheduler.admissions()
-    assert [len(blocks) for _, _, blocks in first] == [2, 1]  # 128 and 64 tokens; the third needs 5 blocks
+    assert [len(admission.blocks) for admission in first] == [2, 1]  # the third needs 4 and 1 more stays free
     assert scheduler.kv_usage == 3 / 5 and len(scheduler.waiting) == 2
-    for _, slot, _ in first:
-        scheduler.release(slot)
+    for admission in first:
+        scheduler.release(admission.slot)
     second = scheduler.admissions()
-    assert [len(blocks) for _, _, blocks in second] == [5] and len(scheduler.waiting) == 1
-    assert 0 not in second[0][2]
+    assert [len(admission.blocks) for admission in second] == [4] and len(scheduler.waiting) == 1
+    assert 0 not in second[0].blocks
+    loop.close()
+
+
+def test_sequences_grow_block_by_block_and_the_newest_is_preempted_when_none_is_left():
+    loop = asyncio.new_event_loop()
+    scheduler = Scheduler(slots=3, blocks=1 + 4, prefill_token_budget=8192)
+    scheduler.add(_waiting_request(loop, 60))
+    scheduler.add(_waiting_request(loop, 60))
+    older, newer = (Sequence(admission.stream, None, None, frozenset(), seed=0) for admission in scheduler.admissions())
+    for slot, sequence in enumerate((older, newer)):
+        sequence.place(slot)
+        scheduler.start(sequence)
+    assert scheduler.outgrowing() == []  # the next step writes position 60: block 1 of 1
+
+    def produce(sequence: Sequence, tokens: int) -> None:  # all collected: the last one is fed by the next step
+        sequence.output_ids += [7] * tokens
+        sequence.produced = sequence.sampled = len(sequence.output_ids)
+
+    produce(older, 5)
+    produce(newer, 5)
+    assert scheduler.outgrowing() == [older, newer]  # both write position 64 next
+    assert scheduler.grow(older)[0] == 1 and scheduler.grow(newer)[0] == 1
+    produce(older, 64)
+    assert scheduler.outgrowing() == [older] and scheduler.grow(older) is None  # all 4 blocks are held
+    assert scheduler.preempt_newest() is newer
+    assert list(scheduler.running.values()) == [older] and list(scheduler.waiting) == [newer]
+    assert scheduler.grow(older) == (2, 2)  # column 2 of its table: block 2, which the newer one gave back
+
+    assert scheduler.admissions() == []  # the newer one's 65 tokens need 2 blocks; 1 is free
+    scheduler.release(older.slot)
+    [admission] = scheduler.admissions()
+    assert admission.resumed is newer and len(admission.blocks) == 2
+    assert newer.place(admission.slot).input_ids.shape[1] == 60 + 5 and newer.cache_len == 65
     loop.close()
 
 

@@ -63,6 +63,8 @@ class Settings(BaseSettings):
         0.92, gt=0.1, le=0.99, description="Share of GPU memory for weights, activations and the KV cache."
     )
     enforce_eager: bool = Field(False, description="No CUDA graphs (slow; for debugging).")
+    kv_cache_tokens: int | None = Field(
+        None, ge=64, description="Cap the KV cache at this many tokens (default: all that memory planning leaves).")
     prefill_token_budget: int = Field(
         8192, ge=16, description="Prompt tokens prefilled between two decode steps (at least one prompt)."
     )
@@ -184,6 +186,8 @@ class Settings(BaseSettings):
             raise ValueError("default_max_tokens must not exceed max_tokens_limit")
         if self.image_min_pixels > self.image_max_pixels:
             raise ValueError("image_min_pixels must not exceed image_max_pixels")
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.max_context_length:
+            raise ValueError("kv_cache_tokens must hold one max_context_length sequence")
         return self
 
     @property

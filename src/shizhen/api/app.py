@@ -46,6 +46,7 @@ def create_app(settings: Settings, model_source: str | None = None) -> FastAPI:
             waiting=lambda: engine.waiting,
             kv_usage=lambda: engine.kv_usage,
             load_seconds=lambda: engine.load_seconds,
+            preemptions=lambda: engine.preemptions,
         )
         if app.state.random_test_model:
             log.warning("serving a RANDOM TEST MODEL from %s: its answers are gibberish", source)
@@ -110,6 +111,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         max_num_seqs=settings.max_num_seqs,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         enforce_eager=settings.enforce_eager,
+        kv_cache_tokens=settings.kv_cache_tokens,
         prefill_token_budget=settings.prefill_token_budget,
     )
 

@@ -1,7 +1,8 @@
 """The engine: owns the model on one worker thread and runs every request in one continuously batched loop.
 
 Each step is: take new requests → drop cancelled ones → prefill admissions (they join the running batch) →
-launch one decode step for the whole batch → handle the previous step's tokens while this one runs on the GPU.
+give sequences that fill their last KV block one more (preempting the newest when none is free) → launch one decode
+step for the whole batch → handle the previous step's tokens while this one runs on the GPU.
 Decode feeds the sampled tokens back on the device, so the host's per-token work (detokenizing, stop strings,
 streaming) overlaps the next step instead of stalling it; a sequence that finished is simply dropped from the
 step already in flight. The event loop only enqueues and awaits `RequestStream`s; it never touches the GPU.
@@ -14,6 +15,7 @@ import asyncio
 import enum
 import logging
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -21,15 +23,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .allocation import BLOCK_SIZE
+from .allocation import BLOCK_SIZE, blocks_for
 from .detokenizer import IncrementalDetokenizer, StopStringMatcher
 from .loader import LoadedModel
 from .memory import plan_blocks
 from .model_runner import DecodeRow, ModelRunner
 from .prompt import PromptBuilder
 from .request import EngineFailure, GenerationRequest, RequestStream
-from .sampling import BatchSampler
-from .scheduler import Scheduler
+from .sampling import BatchSampler, SlotHistory
+from .scheduler import Admission, Scheduler
 from .sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     gpu_memory_utilization: float = 0.92
     enforce_eager: bool = False  # no CUDA graphs: slower, but debuggable
+    kv_cache_tokens: int | None = None  # at most this much KV cache, whatever memory planning allows
     prefill_token_budget: int = 8192  # prompt tokens prefilled between two decode steps (at least one prompt)
 
 
@@ -89,6 +92,7 @@ class Engine:
         self.slots = 0  # sequences that can run at once (max_num_seqs)
         self.kv_blocks = 0
         self.tokens_generated = 0  # since start, all requests
+        self.preemptions = 0  # since start: sequences that gave their KV blocks back to be recomputed later
         self._scheduler: Scheduler | None = None
         self._runner: ModelRunner | None = None
         self._sampler: BatchSampler | None = None
@@ -156,6 +160,8 @@ class Engine:
             self.kv_blocks = plan_blocks(self._runner, self.prompt_builder, config.max_len, config.max_num_seqs,
                                          config.gpu_memory_utilization,
                                          prefill_tokens=max(config.max_len, config.prefill_token_budget))
+            if config.kv_cache_tokens is not None:
+                self.kv_blocks = min(self.kv_blocks, blocks_for(config.kv_cache_tokens) + 1)
             use_graphs = self.loaded.device.type == "cuda" and not config.enforce_eager
             self._report_phase("capturing CUDA graphs" if use_graphs else "allocating the KV cache")
             self._runner.allocate_cache(self.kv_blocks, use_graphs)
@@ -197,10 +203,12 @@ class Engine:
                 self._in_flight.append(self._prefill(admitted))
             except Exception as exc:  # a failed prefill must not take the running requests down
                 self._recover(exc, "a prefill")
-                for stream, slot, _ in admitted:
-                    stream.put(EngineFailure(f"{type(exc).__name__}: {exc}"))
-                    self._release(slot)
+                for admission in admitted:
+                    admission.stream.put(EngineFailure(f"{type(exc).__name__}: {exc}"))
+                    self._release(admission.slot)
         try:
+            if scheduler.running:
+                self._grow_blocks()
             if scheduler.running:
                 self._in_flight.append(self._launch_decode())
             # the newest step stays queued on the GPU while the host hands out the tokens of the ones before it
@@ -213,29 +221,62 @@ class Engine:
             for sequence in list(scheduler.running.values()):
                 self._end(sequence, EngineFailure(f"{type(exc).__name__}: {exc}"))
 
-    def _prefill(self, admitted: list[tuple[RequestStream, int, list[int]]]) -> InFlightStep:
+    def _prefill(self, admitted: list[Admission]) -> InFlightStep:
         """Queue the prompts' prefill and first-token sampling; the new sequences join the decode batch at once
-        and their first tokens reach the host with the next collection."""
-        logits, rope_deltas = self._runner.prefill([(slot, blocks, stream.request.prompt)
-                                                    for stream, slot, blocks in admitted])
-        rows = self._sampler.admit([(slot, stream.request.sampling, stream.request.prompt.input_ids[0])
-                                    for stream, slot, _ in admitted])
-        sampled = self._sampler.sample(logits, [slot for _, slot, _ in admitted], rows)
+        and their first tokens reach the host with the next collection. A preempted sequence coming back
+        prefills its prompt and the tokens it produced."""
+        sequences = [admission.resumed or self._new_sequence(admission.stream) for admission in admitted]
+        prompts = [sequence.place(admission.slot) for sequence, admission in zip(sequences, admitted, strict=True)]
+        logits, rope_deltas = self._runner.prefill([(admission.slot, admission.blocks, prompt)
+                                                    for admission, prompt in zip(admitted, prompts, strict=True)])
+        rows = self._sampler.admit([SlotHistory(s.slot, s.stream.request.sampling, s.seed,
+                                                s.stream.request.prompt.input_ids[0], s.output_ids)
+                                    for s in sequences])
+        sampled = self._sampler.sample(logits, [s.slot for s in sequences], rows)
         self._next_tokens[rows] = sampled
-        sequences = []
-        for (stream, slot, _), rope_delta in zip(admitted, rope_deltas, strict=True):
-            sampling = stream.request.sampling
-            sequence = Sequence(
-                stream=stream,
-                slot=slot,
-                rope_delta=rope_delta,
-                detokenizer=IncrementalDetokenizer(self.loaded.processor.tokenizer),
-                stopper=StopStringMatcher(sampling.stop),
-                stop_token_ids=frozenset() if sampling.ignore_eos else self.loaded.stop_token_ids,
-            )
+        for sequence, rope_delta in zip(sequences, rope_deltas, strict=True):
+            sequence.rope_delta = rope_delta
             self._scheduler.start(sequence)
-            sequences.append(sequence)
         return _in_flight(sequences, sampled)
+
+    def _new_sequence(self, stream: RequestStream) -> Sequence:
+        sampling = stream.request.sampling
+        return Sequence(
+            stream=stream,
+            detokenizer=IncrementalDetokenizer(self.loaded.processor.tokenizer),
+            stopper=StopStringMatcher(sampling.stop),
+            stop_token_ids=frozenset() if sampling.ignore_eos else self.loaded.stop_token_ids,
+            seed=sampling.seed if sampling.seed is not None else secrets.randbits(62),
+        )
+
+    def _grow_blocks(self) -> None:
+        """One more KV block for each sequence whose next step writes past its blocks. When none is free: first
+        collect the steps in flight (sequences they finish give blocks back), then preempt the newest sequences."""
+        scheduler = self._scheduler
+        grown = []
+        for sequence in scheduler.outgrowing():
+            while scheduler.running.get(sequence.slot) is sequence:
+                if (column_block := scheduler.grow(sequence)) is not None:
+                    grown.append((sequence, *column_block))
+                    break
+                self._make_room()
+        grown = [(s.slot, column, block) for s, column, block in grown if scheduler.running.get(s.slot) is s]
+        if grown:
+            self._runner.extend_block_tables(grown)
+
+    def _make_room(self) -> None:
+        if self._in_flight:
+            for step in self._in_flight:
+                self._collect(step)
+            self._in_flight = []
+            return
+        sequence = self._scheduler.preempt_newest()  # nothing in flight: all its tokens are on the host
+        self._sampler.release(sequence.slot)
+        self._runner.release(sequence.slot)
+        self.preemptions += 1
+        log.warning("KV cache full: request %s preempted after %d tokens; it resumes by recomputing them once "
+                    "blocks are free (%d preemptions so far)", sequence.stream.request.request_id,
+                    sequence.produced, self.preemptions)
 
     def _launch_decode(self) -> InFlightStep:
         """Queue one decode step and its sampling on the device; nothing here waits for the GPU."""
@@ -282,7 +323,7 @@ class Engine:
     def _fail_everything(self, reason: str) -> None:
         for sequence in list(self._scheduler.running.values()):
             self._end(sequence, EngineFailure(reason))
-        waiting = list(self._scheduler.waiting)
+        waiting = self._scheduler.waiting_streams()
         while True:
             try:
                 waiting.append(self._incoming.get_nowait())

@@ -145,6 +145,11 @@ class ModelRunner:
     def release(self, slot: int) -> None:
         self.kv.clear_table(slot)
 
+    def extend_block_tables(self, grown: list[tuple[int, int, int]]) -> None:
+        """(slot, column, block) each: sequences that grew into one more block. Queued on the device; no wait."""
+        slots, columns, blocks = to_device(torch.tensor(grown, dtype=torch.long).T.contiguous(), self.device)
+        self.kv.block_tables[slots, columns] = blocks
+
     # --- decode ----------------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def decode(self, rows: list[DecodeRow], next_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,6 +32,15 @@ class PromptInputs:
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[1])
 
+    def followed_by(self, token_ids: list[int]) -> PromptInputs:
+        """This prompt with text tokens appended (a preempted sequence's output, planning's filler)."""
+        if not token_ids:
+            return self
+        tokens = torch.tensor([token_ids], dtype=torch.long)
+        token_types = None if self.mm_token_type_ids is None else torch.cat(
+            [self.mm_token_type_ids, torch.zeros_like(tokens)], dim=1)
+        return replace(self, input_ids=torch.cat([self.input_ids, tokens], dim=1), mm_token_type_ids=token_types)
+
     @property
     def num_image_tokens(self) -> int:
         if self.image_token_id is None:
@@ -79,9 +88,7 @@ class PromptBuilder:
         if count < 1:
             return PromptInputs(input_ids=torch.zeros(1, tokens, dtype=torch.long))
         prompt = with_images(count)
-        filler = torch.zeros(1, tokens - prompt.num_tokens, dtype=torch.long)
-        return replace(prompt, input_ids=torch.cat([prompt.input_ids, filler], dim=1),
-                       mm_token_type_ids=torch.cat([prompt.mm_token_type_ids, filler], dim=1))
+        return prompt.followed_by([0] * (tokens - prompt.num_tokens))
 
 
 def _template_content(parts: tuple[Part, ...]) -> str | list[dict]:

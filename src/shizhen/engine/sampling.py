@@ -7,7 +7,6 @@ the same output whatever else is in the batch, with no generator objects to keep
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +34,18 @@ class SamplingParams:
     @property
     def truncates(self) -> bool:
         return self.top_p < 1.0 or self.top_k > 0
+
+
+@dataclass(frozen=True)
+class SlotHistory:
+    """What a slot's sampling state starts from: the request's parameters and seed, its prompt, and the tokens it
+    already produced (a preempted sequence coming back: they count for the penalties and the noise's step)."""
+
+    slot: int
+    params: SamplingParams
+    seed: int
+    prompt_ids: torch.Tensor
+    output_ids: list[int]
 
 
 # splitmix64 constants as signed 64-bit integers (torch has no unsigned 64-bit arithmetic)
@@ -69,27 +80,36 @@ class BatchSampler:
         self._seen = torch.zeros(slots, vocab_size, dtype=torch.bool, device=device)
         self._params: dict[int, SamplingParams] = {}
 
-    def admit(self, admissions: list[tuple[int, SamplingParams, torch.Tensor]]) -> torch.Tensor:
-        """Set up slots for new requests: (slot, parameters, prompt token ids) each. Returns the slots as a device
-        tensor. Queued on the device like a kernel; nothing here waits for the GPU."""
-        slots = [slot for slot, _, _ in admissions]
-        rows = to_device(torch.tensor(slots), self._device)
+    def admit(self, admissions: list[SlotHistory]) -> torch.Tensor:
+        """Set up slots for admitted requests. Returns the slots as a device tensor. Queued on the device like a
+        kernel; nothing here waits for the GPU."""
+        rows = to_device(torch.tensor([entry.slot for entry in admissions]), self._device)
         floats, ints = [], []
-        for slot, params, _ in admissions:
-            self._params[slot] = params
+        for entry in admissions:
+            params = entry.params
+            self._params[entry.slot] = params
             floats.append([params.temperature, params.top_p, params.repetition_penalty, params.presence_penalty,
                            params.frequency_penalty])
-            seed = params.seed if params.seed is not None else secrets.randbits(62)
-            ints.append([params.top_k if params.top_k > 0 else self.vocab_size, seed, 0])
+            ints.append([params.top_k if params.top_k > 0 else self.vocab_size, entry.seed, len(entry.output_ids)])
         self._floats.index_copy_(0, rows, to_device(torch.tensor(floats, dtype=torch.float32), self._device))
         self._ints.index_copy_(0, rows, to_device(torch.tensor(ints), self._device))
         self._counts.index_fill_(0, rows, 0.0)
         self._seen.index_fill_(0, rows, False)
-        prompt_slots = torch.cat([torch.full((len(ids),), slot) for slot, _, ids in admissions])
-        prompt_slots = to_device(prompt_slots, self._device)
-        prompt_ids = to_device(torch.cat([ids for _, _, ids in admissions]), self._device)
-        self._seen.index_put_((prompt_slots, prompt_ids), torch.ones_like(prompt_ids, dtype=torch.bool))
+        seen_slots, seen_ids = self._per_slot([(entry.slot, entry.prompt_ids.tolist() + entry.output_ids)
+                                               for entry in admissions])
+        self._seen.index_put_((seen_slots, seen_ids), torch.ones_like(seen_ids, dtype=torch.bool))
+        if any(entry.output_ids for entry in admissions):
+            out_slots, out_ids = self._per_slot([(entry.slot, entry.output_ids) for entry in admissions])
+            self._counts.index_put_((out_slots, out_ids), torch.ones_like(out_ids, dtype=torch.float32),
+                                    accumulate=True)
         return rows
+
+    def _per_slot(self, token_lists: list[tuple[int, list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slot, token ids) pairs → two flat device index tensors, one copy each."""
+        slots = [slot for slot, ids in token_lists for _ in ids]
+        ids = [token for _, token_ids in token_lists for token in token_ids]
+        return (to_device(torch.tensor(slots, dtype=torch.long), self._device),
+                to_device(torch.tensor(ids, dtype=torch.long), self._device))
 
     def release(self, slot: int) -> None:
         self._params.pop(slot, None)

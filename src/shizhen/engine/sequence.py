@@ -1,24 +1,38 @@
-"""One request while the engine runs it: its slot, positions, generated tokens, text and stop state."""
+"""One request while the engine runs it: its slot, positions, generated tokens, text and stop state.
+
+A sequence outlives its slot when it is preempted: it keeps its tokens, text and stop state, and when it is admitted
+again its prompt and produced tokens are prefilled anew and it carries on.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from .detokenizer import IncrementalDetokenizer, StopStringMatcher
+from .prompt import PromptInputs
 from .request import GenerationOutput, RequestStream
 
 
 @dataclass
 class Sequence:
     stream: RequestStream
-    slot: int
-    rope_delta: int
     detokenizer: IncrementalDetokenizer
     stopper: StopStringMatcher
     stop_token_ids: frozenset[int]
-    sampled: int = 1  # tokens sampled on the device, the one in flight included (prefill samples the first)
+    seed: int  # the sampling noise's seed: the request's, or drawn once, so a preempted sequence draws the same
+    slot: int = -1  # set at each admission
+    rope_delta: int = 0  # text positions run this far ahead of cache positions (images); set by each prefill
+    sampled: int = 0  # tokens sampled on the device, the one in flight included (prefill samples one)
     produced: int = 0  # tokens accepted here, on the host
-    finished: bool = field(default=False)
+    output_ids: list[int] = field(default_factory=list)
+    finished: bool = False
+
+    def place(self, slot: int) -> PromptInputs:
+        """Admitted into `slot` (again, after a preemption): returns what to prefill — the prompt and every token
+        produced so far, whose prefill samples the next token."""
+        self.slot = slot
+        self.sampled = self.produced + 1
+        return self.stream.request.prompt.followed_by(self.output_ids)
 
     @property
     def prompt_len(self) -> int:
@@ -36,6 +50,7 @@ class Sequence:
     def accept(self, token_id: int) -> GenerationOutput:
         """Take the sampled token; returns the output to send (finished when a stop condition is met)."""
         self.produced += 1
+        self.output_ids.append(token_id)
         if token_id in self.stop_token_ids:
             return self._finish(self._drain()[0], "stop")
         text, hit_stop = self.stopper.feed(self.detokenizer.push(token_id))

@@ -9,9 +9,21 @@ from collections.abc import Callable
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 TOKEN_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5)
+
+
+class _CountedByEngine(Collector):
+    """A counter the engine keeps itself (an int on its thread), exposed as a Prometheus counter at scrape time."""
+
+    def __init__(self, name: str, documentation: str, read: Callable[[], int]):
+        self._name, self._documentation, self._read = name, documentation, read
+
+    def collect(self):
+        yield CounterMetricFamily(self._name, self._documentation, value=self._read())
 
 
 class ServerMetrics:
@@ -43,12 +55,15 @@ class ServerMetrics:
                                               registry=r, buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
 
     def watch_engine(self, running: Callable[[], int], waiting: Callable[[], int],
-                     kv_usage: Callable[[], float], load_seconds: Callable[[], float | None]) -> None:
-        """Gauges read from the engine at scrape time."""
+                     kv_usage: Callable[[], float], load_seconds: Callable[[], float | None],
+                     preemptions: Callable[[], int]) -> None:
+        """Gauges and counters read from the engine at scrape time."""
         self.requests_running.set_function(running)
         self.requests_waiting.set_function(waiting)
         self.kv_cache_usage.set_function(kv_usage)
         self.model_load_seconds.set_function(lambda: load_seconds() or 0.0)
+        self.registry.register(_CountedByEngine("shizhen:num_preemptions", "Sequences preempted for KV-cache "
+                                                "blocks (they resume by recomputing).", preemptions))
 
     def render(self) -> bytes:
         for index in range(torch.cuda.device_count()):
