@@ -149,7 +149,8 @@ def percentile(values: list[float], share: float) -> float:
 def start_engine(loaded: LoadedModel, args) -> Engine:
     engine = Engine(lambda report_phase: loaded, EngineConfig(
         max_len=args.max_len, image_min_pixels=Settings().image_min_pixels, image_max_pixels=Settings().image_max_pixels,
-        max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.eager))
+        max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.eager,
+        kv_cache_tokens=args.kv_cache_tokens))
     engine.start()
     while engine.state is EngineState.LOADING:
         time.sleep(0.05)
@@ -195,12 +196,14 @@ async def concurrent_requests(engine: Engine, prompts: list[PromptInputs], rows:
     """The prompts arriving spread over one second, NEW_TOKENS each: aggregate tok/s, TTFT and inter-token latency."""
     concurrency = len(prompts)
     arrivals = [i / concurrency for i in range(concurrency)]
+    preempted_before = engine.preemptions
     started = time.perf_counter()
     results = await run_requests(engine, prompts, [NEW_TOKENS] * concurrency, arrivals)
     finished = max(times[-1] for _, times, _ in results)
     ttft = [times[0] - submitted for submitted, times, _ in results]
     itl = [b - a for _, times, _ in results for a, b in zip(times, times[1:])]
     emit(rows, labels | {"requests": concurrency, "new_tokens": NEW_TOKENS, "arrivals_over_s": 1.0,
+                         "preemptions": engine.preemptions - preempted_before,
                          "aggregate_tok_per_s": round(concurrency * NEW_TOKENS / (finished - started), 1),
                          "ttft_p50_ms": round(percentile(ttft, 0.5) * 1e3, 1),
                          "ttft_p95_ms": round(percentile(ttft, 0.95) * 1e3, 1),
@@ -284,6 +287,7 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.95)
     parser.add_argument("--eager", action="store_true")
+    parser.add_argument("--kv-cache-tokens", type=int, help="cap the KV cache (small: the runs preempt)")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: bf16 on GPU")
     parser.add_argument("--concurrency", type=int, nargs="*", default=[8, 32, 64])
     parser.add_argument("--photo-concurrency", type=int, nargs="*", default=[64],
