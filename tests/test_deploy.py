@@ -4,6 +4,7 @@ and the pod's start script in a fake /workspace."""
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import subprocess
@@ -50,12 +51,11 @@ def test_up_creates_volume_and_pod_with_the_seed_spec_and_waits_for_health(runpo
                   'volumeMountPath: "/workspace"', 'imageName: "runpod/pytorch:2.4.0-py3.11-cuda12.4.1-devel-ubuntu22.04"',
                   "gpuCount: 1"):
         assert field in pod, field
-    env = dict(re.findall(r'\{ key: "([^"]+)", value: "([^"]*)" \}', pod))
+    env = _pod_env(pod)
     assert env["SHIZHEN_MODEL"] == "FreedomIntelligence/ShizhenGPT-32B-VL"
     assert env["HF_HOME"] == env["SHIZHEN_CACHE_DIR"] == "/workspace/models"
     assert env["SHIZHEN_API_KEYS"] == "clinic-key" and env["SHIZHEN_CORS_ALLOWED_ORIGINS"] == "https://clinic.example"
     assert env["SHIZHEN_MAX_MEMORY"] == "0=75GiB"
-    assert all('"' not in value for value in env.values())  # the SDK puts values in GraphQL strings unescaped
     script = re.search(r"echo (\S+) \| base64 -d", pod)[1]
     assert base64.b64decode(script) == START_SCRIPT.read_bytes()
     out = capsys.readouterr()
@@ -64,6 +64,21 @@ def test_up_creates_volume_and_pod_with_the_seed_spec_and_waits_for_health(runpo
     # a second `up` reuses the pod and the volume
     assert main(["deploy", "up"]) == 0
     assert len(runpod_api.calls("podFindAndDeployOnDemand")) == 1 and len(runpod_api.calls("createNetworkVolume")) == 1
+
+
+def _pod_env(mutation: str) -> dict[str, str]:
+    """The env of a pod-creating mutation, its GraphQL string literals decoded."""
+    return {key: json.loads(f'"{value}"')
+            for key, value in re.findall(r'\{ key: "([^"]+)", value: "((?:[^"\\]|\\.)*)" \}', mutation)}
+
+
+def test_quotes_and_backslashes_in_settings_reach_the_pod_intact(runpod_api, deploy_env, server):
+    """The SDK writes env values into the GraphQL mutation as they are; the kit escapes them first."""
+    deploy_env.setenv("SHIZHEN_DEPLOY_PROXY_URL", server.url)
+    deploy_env.setenv("SHIZHEN_API_KEYS", 'k"ey\\1,second')
+    assert main(["deploy", "up"]) == 0
+    [pod] = runpod_api.calls("podFindAndDeployOnDemand")
+    assert _pod_env(pod)["SHIZHEN_API_KEYS"] == 'k"ey\\1,second'
 
 
 def test_a_bad_api_key_is_a_clear_error(runpod_api, deploy_env, capsys):

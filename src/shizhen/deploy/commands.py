@@ -46,7 +46,7 @@ def pod_spec(deploy: DeploySettings, server: Settings, volume_id: str, data_cent
         "HF_HOME": "/workspace/models",
         "SHIZHEN_PORT": str(deploy.port),
         "SHIZHEN_CORS_ALLOWED_ORIGINS": ",".join(server.cors_allowed_origins),
-        "SHIZHEN_MAX_MEMORY": "0=75GiB" if "80GB" in deploy.gpu_type else "",  # no quotes: the SDK does not escape
+        "SHIZHEN_MAX_MEMORY": "0=75GiB" if "80GB" in deploy.gpu_type else "",
         "SHIZHEN_PACKAGE": deploy.package,
         "SHIZHEN_REQUIREMENTS_B64": base64.b64encode((REPO_ROOT / "requirements.txt").read_bytes()).decode(),
     }

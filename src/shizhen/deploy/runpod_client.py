@@ -5,6 +5,7 @@ The key comes from `RUNPOD_API_KEY` or the SDK's own config (`runpod config`); i
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -72,18 +73,19 @@ class RunPodClient:
         if not data_center:
             raise DeployError(f"volume {name!r} does not exist yet: set SHIZHEN_DEPLOY_DATA_CENTER to create it")
         created = self._graphql(
-            f'mutation {{ createNetworkVolume(input: {{name: "{name}", size: {size_gb}, '
-            f'dataCenterId: "{data_center}"}}) {{ id name size dataCenterId }} }}')["createNetworkVolume"]
+            f"mutation {{ createNetworkVolume(input: {{name: {json.dumps(name)}, size: {size_gb}, "
+            f"dataCenterId: {json.dumps(data_center)}}}) {{ id name size dataCenterId }} }}")["createNetworkVolume"]
         return created["id"], created["dataCenterId"]
 
     # --- pods ------------------------------------------------------------------------------------------------------
     def create_pod(self, spec: PodSpec) -> str:
         try:
             pod = runpod.create_pod(
-                spec.name, spec.image, spec.gpu_type, cloud_type=spec.cloud_type, gpu_count=spec.gpu_count,
+                _escaped(spec.name), spec.image, spec.gpu_type, cloud_type=spec.cloud_type, gpu_count=spec.gpu_count,
                 container_disk_in_gb=spec.container_disk_gb, network_volume_id=spec.volume_id,
                 data_center_id=spec.data_center, ports=f"{spec.port}/http", volume_mount_path="/workspace",
-                env=spec.env, docker_args=spec.docker_args, support_public_ip=True, start_ssh=True,
+                env={key: _escaped(value) for key, value in spec.env.items()}, docker_args=spec.docker_args,
+                support_public_ip=True, start_ssh=True,
             )
         except runpod_error.AuthenticationError:
             raise DeployError("RunPod refused the API key (401): check RUNPOD_API_KEY") from None
@@ -117,7 +119,7 @@ class RunPodClient:
         self._call(runpod.terminate_pod, pod_id)
 
     def terminate_volume(self, volume_id: str) -> None:
-        self._graphql(f'mutation {{ deleteNetworkVolume(input: {{id: "{volume_id}"}}) }}')
+        self._graphql(f"mutation {{ deleteNetworkVolume(input: {{id: {json.dumps(volume_id)}}}) }}")
 
     def gpu_price(self, gpu_type: str) -> float | None:
         """On-demand $/hour of one GPU of this type in the secure cloud, if the API gives it."""
@@ -126,3 +128,9 @@ class RunPodClient:
 
     def _gpu_names(self) -> str:
         return ", ".join(gpu["id"] for gpu in self._call(runpod.get_gpus) if gpu.get("memoryInGb", 0) >= 24)
+
+
+def _escaped(text: str) -> str:
+    """`text` escaped for the inside of a GraphQL string literal (JSON's escapes are GraphQL's): the SDK puts names
+    and env values between quotes as they are, so a quote or backslash in an API key would break the mutation."""
+    return json.dumps(text)[1:-1]
