@@ -90,7 +90,8 @@ def main() -> None:
             visual.config._attn_implementation = implementation
             timings[implementation] = seconds(visual, pixels, grid, args.repeats)
         (stock_s, stock), (packed_s, packed) = timings["sdpa"], timings[NAME]
-        emit(rows, {"bench": "vision_tower", "device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu", "photos": count,
+        device = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
+        emit(rows, {"bench": "vision_tower", "device": device, "photos": count,
                     "photo": "1536x1152", "patches": int(pixels.shape[0]), "image_tokens": int(stock.shape[0]),
                     "per_window_ms": round(stock_s * 1e3, 1), "packed_ms": round(packed_s * 1e3, 1),
                     "speedup": round(stock_s / packed_s, 2),

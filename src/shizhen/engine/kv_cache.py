@@ -3,9 +3,9 @@
 A sequence holds the blocks its tokens fill so far (one more every BLOCK_SIZE tokens), listed in its row of
 `block_tables` (row = the sequence's slot, which is also its row in a decode batch). Memory goes to the tokens
 sequences really have, not to a full context per sequence, so an 80 GB card serves many short consultations instead
-of a few full-length ones. Block 0 is never handed out: rows of free slots and positions past a sequence's blocks point at
-it, so whatever a padded row writes lands there. The tables are one static device tensor, which CUDA graphs read
-in place.
+of a few full-length ones. Block 0 is never handed out: rows of free slots and positions past a sequence's blocks
+point at it, so whatever a padded row writes lands there. The tables are one static device tensor, which CUDA graphs
+read in place.
 """
 
 from __future__ import annotations

@@ -71,7 +71,6 @@ class PromptBuilder:
             image_token_id=self._processor.image_token_id,
         )
 
-
     def planning_prompt(self, tokens: int) -> PromptInputs:
         """The heaviest prefill of exactly `tokens` tokens: as many largest-size images as fit, then filler text.
         Memory planning runs it, so the vision tower's activations are part of the measured peak (one prefill
