@@ -97,3 +97,30 @@ def test_more_requests_than_slots_wait_for_a_free_slot(start_server):
     assert peak <= 2
     assert [r.status_code for r in results] == [200] * 7
     assert all(r.json()["usage"]["completion_tokens"] == 40 for r in results)
+
+
+def test_a_preempted_seeded_request_draws_what_it_would_have_drawn(start_server):
+    """Sampling with a seed and penalties: the answers are the same whether the KV cache is roomy or so small
+    that requests are preempted and recomputed mid-answer."""
+    def answers(server) -> list[str]:
+        cases = _cases(max_tokens=[140] * 6)
+        results: dict[int, str] = {}
+
+        def ask(index, content):
+            with server.client() as http:
+                results[index] = http.post("/v1/chat/completions", json={
+                    "messages": [{"role": "user", "content": content}], "max_tokens": 140, "temperature": 0.9,
+                    "seed": 1000 + index, "frequency_penalty": 0.5, "repetition_penalty": 1.1, "ignore_eos": True,
+                }).json()["choices"][0]["message"]["content"]
+
+        threads = [threading.Thread(target=ask, args=(i, content)) for i, (content, _, _) in enumerate(cases)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return [results[i] for i in range(len(cases))]
+
+    roomy = start_server(max_context_length=256)
+    cramped = start_server(max_context_length=256, kv_cache_tokens=256)
+    assert answers(cramped) == answers(roomy)
+    assert cramped.engine.preemptions > 0 and roomy.engine.preemptions == 0
