@@ -274,9 +274,11 @@ class Engine:
         self._sampler.release(sequence.slot)
         self._runner.release(sequence.slot)
         self.preemptions += 1
-        log.warning("KV cache full: request %s preempted after %d tokens; it resumes by recomputing them once "
-                    "blocks are free (%d preemptions so far)", sequence.stream.request.request_id,
-                    sequence.produced, self.preemptions)
+        # a warning for the first and every 100th (under sustained overload one per preemption would flood the log)
+        level = logging.WARNING if self.preemptions % 100 == 1 else logging.DEBUG
+        log.log(level, "KV cache full: request %s preempted after %d tokens; it resumes by recomputing them once "
+                "blocks are free (%d preemptions so far; fewer concurrent sequences or a larger cache avoid them)",
+                sequence.stream.request.request_id, sequence.produced, self.preemptions)
 
     def _launch_decode(self) -> InFlightStep:
         """Queue one decode step and its sampling on the device; nothing here waits for the GPU."""
