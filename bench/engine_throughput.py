@@ -147,8 +147,9 @@ def percentile(values: list[float], share: float) -> float:
 
 
 def start_engine(loaded: LoadedModel, args) -> Engine:
+    defaults = Settings()
     engine = Engine(lambda report_phase: loaded, EngineConfig(
-        max_len=args.max_len, image_min_pixels=Settings().image_min_pixels, image_max_pixels=Settings().image_max_pixels,
+        max_len=args.max_len, image_min_pixels=defaults.image_min_pixels, image_max_pixels=defaults.image_max_pixels,
         max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.eager,
         kv_cache_tokens=args.kv_cache_tokens))
     engine.start()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from common import emit, write_json
-from engine_throughput import TEXT_32B, VISION_32B
+from engine_throughput import TEXT_32B, VISION_32B, sync
 from PIL import Image
 from transformers import (
     AttentionInterface,
@@ -39,20 +39,15 @@ def vision_tower(dtype: torch.dtype) -> torch.nn.Module:
     return model.model.visual.eval()
 
 
-def synchronize() -> None:
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def seconds(visual: torch.nn.Module, pixels: torch.Tensor, grid: torch.Tensor, repeats: int
             ) -> tuple[float, torch.Tensor]:
     with torch.inference_mode():
         out = visual(pixels, grid_thw=grid).pooler_output  # warm-up
-        synchronize()
+        sync()
         started = time.perf_counter()
         for _ in range(repeats):
             out = visual(pixels, grid_thw=grid).pooler_output
-        synchronize()
+        sync()
     return (time.perf_counter() - started) / repeats, out
 
 
@@ -62,7 +57,7 @@ def profile(visual: torch.nn.Module, pixels: torch.Tensor, grid: torch.Tensor) -
                                                            if DEVICE.type == "cuda" else [])
     with torch.profiler.profile(activities=activities) as profiler, torch.inference_mode():
         visual(pixels, grid_thw=grid)
-        synchronize()
+        sync()
     sort = "cuda_time_total" if DEVICE.type == "cuda" else "cpu_time_total"
     print(profiler.key_averages().table(sort_by=sort, row_limit=25), file=sys.stderr)
 

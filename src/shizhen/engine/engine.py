@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .allocation import BLOCK_SIZE, blocks_for
+from .allocation import BLOCK_SIZE
 from .detokenizer import IncrementalDetokenizer, StopStringMatcher
 from .loader import LoadedModel
 from .memory import plan_blocks
@@ -159,9 +159,8 @@ class Engine:
             self._runner = ModelRunner(self.loaded, self.slots, config.max_len)
             self.kv_blocks = plan_blocks(self._runner, self.prompt_builder, config.max_len, config.max_num_seqs,
                                          config.gpu_memory_utilization,
-                                         prefill_tokens=max(config.max_len, config.prefill_token_budget))
-            if config.kv_cache_tokens is not None:
-                self.kv_blocks = min(self.kv_blocks, blocks_for(config.kv_cache_tokens) + 1)
+                                         prefill_tokens=max(config.max_len, config.prefill_token_budget),
+                                         kv_cache_tokens=config.kv_cache_tokens)
             use_graphs = self.loaded.device.type == "cuda" and not config.enforce_eager
             self._report_phase("capturing CUDA graphs" if use_graphs else "allocating the KV cache")
             self._runner.allocate_cache(self.kv_blocks, use_graphs)
@@ -255,12 +254,12 @@ class Engine:
         scheduler = self._scheduler
         grown = []
         for sequence in scheduler.outgrowing():
-            while scheduler.running.get(sequence.slot) is sequence:
+            while scheduler.is_running(sequence):
                 if (column_block := scheduler.grow(sequence)) is not None:
                     grown.append((sequence, *column_block))
                     break
                 self._make_room()
-        grown = [(s.slot, column, block) for s, column, block in grown if scheduler.running.get(s.slot) is s]
+        grown = [(s.slot, column, block) for s, column, block in grown if scheduler.is_running(s)]
         if grown:
             self._runner.extend_block_tables(grown)
 

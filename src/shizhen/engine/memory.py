@@ -19,14 +19,17 @@ class NotEnoughMemory(RuntimeError):
 
 
 def plan_blocks(runner: ModelRunner, builder: PromptBuilder, max_len: int, max_num_seqs: int,
-                gpu_memory_utilization: float, prefill_tokens: int) -> int:
+                gpu_memory_utilization: float, prefill_tokens: int, kv_cache_tokens: int | None = None) -> int:
     """KV-cache blocks (the scratch block included) that fit in `gpu_memory_utilization` of the GPU, no more than
-    `max_num_seqs` full-length sequences can use (that many on CPU).
+    `max_num_seqs` full-length sequences can use, nor than `kv_cache_tokens` if set (that many on CPU).
 
     The activation peak is measured by running the engine's own prefill of the most tokens one step may prefill,
     as many of them image tokens as fit (into a throwaway cache, whose bytes do not count), as vLLM does.
     """
-    useful = max_num_seqs * blocks_for(max_len) + 1
+    useful = max_num_seqs * blocks_for(max_len)
+    if kv_cache_tokens is not None:
+        useful = min(useful, blocks_for(kv_cache_tokens))
+    useful += 1  # the scratch block
     if runner.device.type != "cuda":
         return useful
     per_token = runner.kv_bytes_per_token

@@ -81,6 +81,10 @@ class Scheduler:
     def waiting_streams(self) -> list[RequestStream]:
         return [_stream(entry) for entry in self.waiting]
 
+    def is_running(self, sequence: Sequence) -> bool:
+        """False once it finished, was cancelled or was preempted (its slot may hold another sequence later)."""
+        return self.running.get(sequence.slot) is sequence
+
     def start(self, sequence: Sequence) -> None:
         self.running[sequence.slot] = sequence
 

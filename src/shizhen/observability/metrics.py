@@ -32,7 +32,8 @@ class ServerMetrics:
         r = self.registry
         self.requests_running = Gauge("shizhen:num_requests_running", "Requests decoding on the GPU.", registry=r)
         self.requests_waiting = Gauge("shizhen:num_requests_waiting", "Requests queued for a KV slot.", registry=r)
-        self.kv_cache_usage = Gauge("shizhen:kv_cache_usage_perc", "Share of KV-cache blocks held by running requests (0-1).", registry=r)
+        self.kv_cache_usage = Gauge("shizhen:kv_cache_usage_perc",
+                                    "Share of KV-cache blocks held by running requests (0-1).", registry=r)
         self.gpu_memory = Gauge("shizhen:gpu_memory_used_bytes", "GPU memory held by this process.", ["device"],
                                 registry=r)
         self.model_load_seconds = Gauge("shizhen:model_load_seconds", "Start-up: load, plan, capture.", registry=r)
