@@ -31,6 +31,7 @@ from shizhen.api.app import create_app
 from shizhen.engine.prompt import PromptBuilder
 from shizhen.config import Settings
 from shizhen.tiny_checkpoint import build_tiny_checkpoint
+from runpod_standin import StandInRunPod
 
 TEST_LIMITS = dict(
     max_context_length=4096,
@@ -211,3 +212,48 @@ class ReceivedImages:
 def received_images(received_turns) -> ReceivedImages:
     """The images the model is given (the processor's input)."""
     return ReceivedImages(received_turns)
+
+
+# --- RunPod: the stand-in API, and a clean checkout for the kit to ship ------------------------------------------
+REPO_ROOT = Path(__file__).resolve().parent.parent
+GIT_URL = "https://git.example/clinic/shizhen.git"
+
+
+@pytest.fixture
+def runpod_api(monkeypatch):
+    stand_in = StandInRunPod()
+    monkeypatch.setenv("RUNPOD_API_BASE_URL", stand_in.url)
+    monkeypatch.setenv("RUNPOD_API_KEY", stand_in.api_key)
+    yield stand_in
+    stand_in.close()
+
+
+@pytest.fixture
+def checkout(tmp_path, monkeypatch) -> Path:
+    """A clean clone of this repository's HEAD (with `origin/main`), as the checkout `deploy up` ships."""
+    clone = tmp_path / "checkout"
+    subprocess.run(["git", "clone", "--quiet", "--no-hardlinks", str(REPO_ROOT), str(clone)], check=True)
+    monkeypatch.setattr("shizhen.deploy.commands.REPO_ROOT", clone)
+    return clone
+
+
+def head(checkout: Path) -> str:
+    return subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+@pytest.fixture
+def deploy_env(monkeypatch, tmp_path, checkout):
+    """What a person sets before `deploy up` (the pushed-commit route); the proxy address is set per test."""
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    for name, value in {"SHIZHEN_DEPLOY_DATA_CENTER": "EU-RO-1", "SHIZHEN_DEPLOY_POLL_SECONDS": "0.05",
+                        "SHIZHEN_API_KEYS": "clinic-key", "SHIZHEN_CORS_ALLOWED_ORIGINS": "https://clinic.example",
+                        "SHIZHEN_DEPLOY_READY_TIMEOUT_SECONDS": "20", "SHIZHEN_DEPLOY_GIT_URL": GIT_URL}.items():
+        monkeypatch.setenv(name, value)
+    return monkeypatch
+
+
+def created_pod(runpod_api, index: int = -1) -> tuple[dict, dict[str, str]]:
+    """The input of a podFindAndDeployOnDemand call, and its env as a dict."""
+    spec = runpod_api.inputs["podFindAndDeployOnDemand"][index]
+    return spec, {item["key"]: item["value"] for item in spec["env"]}

@@ -53,11 +53,11 @@ def test_download_then_start_offline_without_touching_the_hub(hub, tmp_path, sta
     assert sorted(p.name for p in folder.iterdir()) == sorted(set(hub.files) - {RANDOM_MODEL_MARKER})
     assert store.manifest_path.exists()
     requests_before = len(hub.requests)
-    server = start_server(model=REPO, cache_dir=str(tmp_path / "models"), hf_endpoint=hub.url)
+    server = start_server(model=REPO, cache_dir=str(tmp_path / "models"), hf_endpoint=hub.url, require_gpu=False)
     assert server.wait_ready()["status"] == "ok"
     assert len(hub.requests) == requests_before, "a complete, verified cache must start without the network"
     hub.close()  # and with no hub at all
-    second = start_server(model=REPO, cache_dir=str(tmp_path / "models"), hf_endpoint=hub.url)
+    second = start_server(model=REPO, cache_dir=str(tmp_path / "models"), hf_endpoint=hub.url, require_gpu=False)
     assert second.wait_ready()["status"] == "ok"
 
 
@@ -119,7 +119,7 @@ def test_missing_and_truncated_shards_are_fetched_again_at_start(hub, tmp_path, 
     (folder / missing).resolve().unlink()
     blob = (folder / truncated).resolve()
     blob.write_bytes(blob.read_bytes()[:1000])
-    server = start_server(model=REPO, cache_dir=str(tmp_path / "models"), hf_endpoint=hub.url)
+    server = start_server(model=REPO, cache_dir=str(tmp_path / "models"), hf_endpoint=hub.url, require_gpu=False)
     assert server.wait_ready()["status"] == "ok"
     refetched = {path.rsplit("/", 1)[1] for method, path, _ in hub.requests if method == "GET" and "resolve" in path}
     assert {missing, truncated} <= refetched
@@ -154,7 +154,8 @@ def test_health_shows_download_progress_while_the_server_waits(hub, tmp_path, st
 
     last_shard = _shards(hub)[-1]
     hub.stall[last_shard] = threading.Event()
-    server = start_server(wait=False, model=REPO, cache_dir=str(tmp_path / "models"), hf_endpoint=hub.url)
+    server = start_server(wait=False, model=REPO, cache_dir=str(tmp_path / "models"), hf_endpoint=hub.url,
+                          require_gpu=False)
     try:
         with server.client() as http:
             deadline = time.monotonic() + 20

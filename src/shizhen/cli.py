@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -23,6 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     deploy.add_argument("action", choices=["up", "status", "stop", "start", "down", "logs"])
     deploy.add_argument("--recreate", action="store_true", help="start: recreate the pod if its host has no GPU")
     deploy.add_argument("--delete-volume", action="store_true", help="down: also delete the volume and its model")
+    deploy.add_argument("--tail", type=int, default=200, help="logs: how many past lines (at most 5000)")
+    deploy.add_argument("--follow", action="store_true", help="logs: keep streaming new lines")
     commands.add_parser("cost", help="what the pod costs: testing, 12 h/day, 24/7")
     tiny = commands.add_parser("build-tiny-checkpoint", help="write a tiny random-weight Qwen2.5-VL checkpoint")
     tiny.add_argument("target", type=Path)
@@ -45,13 +48,14 @@ def deploy_command(args, rest: list[str]) -> int:
     from .deploy.runpod_client import DeployError, RunPodClient
     from .deploy.settings import DeploySettings
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # its per-request INFO lines would break the progress line
     deploy, server = DeploySettings(), load_settings(rest)
     try:
         if args.command == "cost":
             return commands.cost(deploy, RunPodClient() if _has_runpod_key() else None)
-        if args.action == "logs":
-            return commands.logs()
         client = RunPodClient()
+        if args.action == "logs":
+            return commands.logs(deploy, client, tail=args.tail, follow=args.follow)
         if args.action == "up":
             return commands.up(deploy, server, client)
         if args.action == "status":

@@ -18,7 +18,7 @@ DEMO_MODEL_NAME = "shizhen-demo-tiny-random"
 _MEMORY_SIZE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$", re.IGNORECASE)
 
 
-def _split_csv(value: object) -> object:
+def split_csv(value: object) -> object:
     """Accept `a,b,c` from an environment variable as well as a list from Python or JSON."""
     if isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="`auto`: bfloat16 where the GPU supports it, else float16; float32 on CPU."
+    )
+    require_gpu: bool | None = Field(
+        None, description="Refuse to load without a usable GPU. Default: on a RunPod pod, and for checkpoints over "
+                          "8 GB; `false` lets a big model load on the CPU (slowly)."
     )
     device_map: str = Field("auto", description="Passed to from_pretrained: `auto`, `cuda:0`, `cpu`, ...")
     max_memory: Annotated[dict[str, str] | None, NoDecode] = Field(
@@ -109,9 +113,11 @@ class Settings(BaseSettings):
         "memory://", description="memory:// (this process) or redis://host:6379 (shared by replicas)."
     )
     idle_stop_seconds: float | None = Field(
-        None, gt=0, description="On a RunPod pod: stop the pod after this long without requests (never mid-request)."
+        None, ge=0, description="On a RunPod pod: stop the pod after this long without requests (never mid-request); "
+                                "0: off (`deploy up` sends 3600 unless set)."
     )
-    max_uptime_hours: float | None = Field(None, gt=0, description="On a RunPod pod: stop it after this long, always.")
+    max_uptime_hours: float | None = Field(
+        None, ge=0, description="On a RunPod pod: stop it after this long, always; 0: off (`deploy up` sends 12).")
     idle_check_seconds: float = Field(30.0, gt=0, description="How often the auto-stop looks.")
     shutdown_grace_seconds: float = Field(
         30.0, ge=0, description="On SIGTERM: how long running generations may finish before the server exits."
@@ -146,7 +152,7 @@ class Settings(BaseSettings):
     @field_validator("cors_allowed_origins", "api_keys", "image_fetch_allowed_hosts", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
-        return _split_csv(value)
+        return split_csv(value)
 
     @field_validator("max_memory", mode="before")
     @classmethod
@@ -155,7 +161,7 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             if value.strip().startswith("{"):
                 return json.loads(value)
-            return dict(item.split("=", 1) for item in _split_csv(value)) or None
+            return dict(item.split("=", 1) for item in split_csv(value)) or None
         return value
 
     @field_validator("max_memory")

@@ -16,7 +16,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from ..config import Settings
 from ..deploy.idle import PodAutoStop
 from ..engine.engine import Engine, EngineConfig
-from ..engine.loader import load_model
+from ..engine.loader import load_model, require_gpu_if_expected
 from ..observability.metrics import ServerMetrics
 from ..observability.requests import RequestObserver
 from ..serving import ChatService
@@ -117,7 +117,9 @@ def engine_config(settings: Settings) -> EngineConfig:
 
 
 def load_model_from_settings(source: str, settings: Settings, report_phase):
-    """A local folder loads as it is; a hub id goes through the model store (download once, verify, repair)."""
+    """A local folder loads as it is; a hub id goes through the model store (download once, verify, repair).
+    Without the GPU the model needs, nothing is downloaded or loaded."""
+    require_gpu_if_expected(source, settings.require_gpu)
     if not Path(source).is_dir():
         source = str(model_store(settings, report_phase).ensure())
     return load_model(

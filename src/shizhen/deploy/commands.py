@@ -11,34 +11,76 @@ from pathlib import Path
 import httpx
 
 from ..config import Settings
-from .runpod_client import DeployError, NoGpusOnResume, PodSpec, RunPodClient
+from .release import Release, prepare_release
+from .runpod_client import DeployedPod, DeployError, NoGpusOnResume, PodSpec, RunPodClient
 from .settings import DeploySettings
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
+PROGRESS_WIDTH = 120
 
 
 def up(deploy: DeploySettings, server: Settings, client: RunPodClient) -> int:
-    """Create or reuse the volume and the pod, wait until the API answers, print how to call it."""
+    """Ship this checkout, create the pod or bring the existing one to the wanted spec, wait for the API."""
     if not server.api_keys:
         print("warning: the endpoint will be public and SHIZHEN_API_KEYS is empty: anyone can use your GPU",
               file=sys.stderr)
+    volume_id, data_center = client.ensure_volume(deploy.volume_name, deploy.volume_gb, deploy.data_center)
+    release = prepare_release(deploy, REPO_ROOT, volume_id, data_center)
+    print(f"shipping commit {release.commit[:12]} ({release.pip_requirement})")
+    spec = pod_spec(deploy, server, release, volume_id, data_center)
     existing = client.find_pod(deploy.pod_name)
     if existing:
-        print(f"pod {deploy.pod_name!r} exists ({existing['id']}, {existing.get('desiredStatus')}); reusing it")
-        pod_id = existing["id"]
-        if existing.get("desiredStatus") != "RUNNING":
-            client.resume_pod(pod_id, deploy.gpu_count)
+        pod_id = reconcile(client, existing["id"], spec)
     else:
-        volume_id, data_center = client.ensure_volume(deploy.volume_name, deploy.volume_gb, deploy.data_center)
-        pod_id = client.create_pod(pod_spec(deploy, server, volume_id, data_center))
+        pod_id = client.create_pod(spec)
         print(f"created pod {pod_id} ({deploy.gpu_type}) on volume {deploy.volume_name} in {data_center}")
     url = wait_until_healthy(deploy, client, pod_id)
     print_usage(url, server)
     return 0
 
 
-def pod_spec(deploy: DeploySettings, server: Settings, volume_id: str, data_center: str) -> PodSpec:
+def reconcile(client: RunPodClient, pod_id: str, spec: PodSpec) -> str:
+    """Bring an existing pod to `spec`: the same pod when only its image, env or start command differ (RunPod
+    restarts it), a new one on the same volume when the GPU or the volume differ. Never keeps an old setting."""
+    pod = client.deployed(pod_id)
+    if pod is None:
+        raise DeployError(f"pod {pod_id} disappeared while deploying; run `shizhen deploy up` again")
+    if (pod.gpu_type not in (None, spec.gpu_type) or pod.gpu_count != spec.gpu_count
+            or pod.network_volume_id not in (None, spec.volume_id)):
+        print(f"pod {pod_id} runs {pod.gpu_count}x {pod.gpu_type} on volume {pod.network_volume_id}; wanted "
+              f"{spec.gpu_count}x {spec.gpu_type} on {spec.volume_id}: terminating it and creating a new one on the "
+              "same volume (the cached model is kept)")
+        client.terminate_pod(pod_id)
+        return client.create_pod(spec)
+    if changes := spec_changes(pod, spec):
+        print(f"updating pod {pod_id}: {'; '.join(changes)} (RunPod restarts it)")
+        client.edit_pod(pod_id, spec)
+    else:
+        print(f"pod {pod_id} already runs this release with these settings")
+    if pod.desired_status != "RUNNING":
+        client.resume_pod(pod_id, spec.gpu_count)
+    return pod_id
+
+
+def spec_changes(pod: DeployedPod, spec: PodSpec) -> list[str]:
+    """What differs between a pod and the wanted spec, by name only (env values may be keys)."""
+    changes = [f"image {pod.image} -> {spec.image}"] if pod.image != spec.image else []
+    if pod.docker_args != spec.docker_args:
+        changes.append("start script")
+    ours = {key for key in pod.env if key.startswith(("SHIZHEN_", "HF_"))}  # RunPod adds its own variables
+    for key in sorted(ours | set(spec.env)):
+        if key not in spec.env:
+            changes.append(f"{key} removed")
+        elif pod.env.get(key) != spec.env[key]:
+            changes.append(f"{key} {'set' if key not in pod.env else 'changed'}")
+    return changes
+
+
+def pod_spec(deploy: DeploySettings, server: Settings, release: Release, volume_id: str,
+             data_center: str) -> PodSpec:
     script = (files("shizhen.deploy") / "start_pod.sh").read_bytes()
+    idle = deploy.idle_stop_seconds if server.idle_stop_seconds is None else server.idle_stop_seconds
+    uptime = deploy.max_uptime_hours if server.max_uptime_hours is None else server.max_uptime_hours
     env = {
         "SHIZHEN_MODEL": server.model,
         "SHIZHEN_SERVED_MODEL_NAME": server.model_name,
@@ -47,26 +89,27 @@ def pod_spec(deploy: DeploySettings, server: Settings, volume_id: str, data_cent
         "SHIZHEN_PORT": str(deploy.port),
         "SHIZHEN_CORS_ALLOWED_ORIGINS": ",".join(server.cors_allowed_origins),
         "SHIZHEN_MAX_MEMORY": "0=75GiB" if "80GB" in deploy.gpu_type else "",
-        "SHIZHEN_PACKAGE": deploy.package,
+        "SHIZHEN_REQUIRE_GPU": "true",
+        "SHIZHEN_PACKAGE": release.pip_requirement,
         "SHIZHEN_REQUIREMENTS_B64": base64.b64encode((REPO_ROOT / "requirements.txt").read_bytes()).decode(),
+        "SHIZHEN_MAX_RESTARTS": str(deploy.max_restarts),
+        "SHIZHEN_IDLE_STOP_SECONDS": f"{idle:g}" if idle else "",
+        "SHIZHEN_MAX_UPTIME_HOURS": f"{uptime:g}" if uptime else "",
+        "SHIZHEN_API_KEYS": ",".join(key.get_secret_value() for key in server.api_keys),
     }
-    if server.api_keys:
-        env["SHIZHEN_API_KEYS"] = ",".join(key.get_secret_value() for key in server.api_keys)
-    if server.idle_stop_seconds:
-        env["SHIZHEN_IDLE_STOP_SECONDS"] = str(server.idle_stop_seconds)
-    if server.max_uptime_hours:
-        env["SHIZHEN_MAX_UPTIME_HOURS"] = str(server.max_uptime_hours)
     return PodSpec(
         name=deploy.pod_name, image=deploy.image, gpu_type=deploy.gpu_type, gpu_count=deploy.gpu_count,
         cloud_type=deploy.cloud_type, container_disk_gb=deploy.container_disk_gb, volume_id=volume_id,
         data_center=data_center, port=deploy.port, env={k: v for k, v in env.items() if v},
         docker_args=f"bash -c 'echo {base64.b64encode(script).decode()} | base64 -d > /tmp/start_pod.sh && "
                     "exec bash /tmp/start_pod.sh'",
+        cuda_versions=deploy.cuda_versions,
     )
 
 
 def wait_until_healthy(deploy: DeploySettings, client: RunPodClient, pod_id: str) -> str:
-    """Poll the pod's state and its `/health` through the proxy, showing both, until the model is ready."""
+    """Poll the pod's state and its `/health` through the proxy, showing both, until the model is ready; stop at
+    the first `failed` answer, with its reason."""
     url = deploy.proxy_url.format(pod_id=pod_id, port=deploy.port)
     deadline = time.monotonic() + deploy.ready_timeout_seconds
     last = "no answer yet"
@@ -77,26 +120,36 @@ def wait_until_healthy(deploy: DeploySettings, client: RunPodClient, pod_id: str
             body = response.json()
             last = f"{response.status_code} {body}"
             if response.status_code == 200 and body.get("status") == "ok":
-                print(f"\rpod {pod.get('desiredStatus', '?')}: model ready{' ' * 40}")
+                print(f"\rpod {pod.get('desiredStatus', '?')}: model ready".ljust(PROGRESS_WIDTH))
                 return url
+            if body.get("status") == "failed":
+                print()
+                raise DeployError(f"the server on pod {pod_id} failed to start: {body.get('error')}\nThe pod is "
+                                  "still running (and billed): see `shizhen deploy logs`, fix the cause, then "
+                                  "`shizhen deploy up` again, or `shizhen deploy stop`.")
             state = body.get("phase") or body.get("error") or body.get("status")
         except (httpx.HTTPError, ValueError) as exc:
             state, last = "starting (no answer from the proxy yet)", f"{type(exc).__name__}: {exc}"
-        print(f"\rpod {pod.get('desiredStatus', '?')}: {state}"[:120].ljust(120), end="", flush=True)
+        print(f"\rpod {pod.get('desiredStatus', '?')}: {state}"[:PROGRESS_WIDTH].ljust(PROGRESS_WIDTH), end="",
+              flush=True)
         time.sleep(deploy.poll_seconds)
+    print()
     raise DeployError(f"pod {pod_id} did not become healthy within {deploy.ready_timeout_seconds:g} s; "
-                      f"last /health answer: {last}")
+                      f"last /health answer: {last}. The pod is still running (and billed).")
 
 
 def print_usage(url: str, server: Settings) -> None:
-    key = "$SHIZHEN_API_KEY" if server.api_keys else "unused"
+    """Examples that work pasted into the shell `deploy up` ran in: they read the first of SHIZHEN_API_KEYS."""
+    curl_key, python_key = "unused", '"unused"'
+    if server.api_keys:
+        curl_key, python_key = "${SHIZHEN_API_KEYS%%,*}", 'os.environ["SHIZHEN_API_KEYS"].split(",")[0]'
     print(f"""
 endpoint: {url}/v1   (consultation page: {url}/)
 
-curl {url}/v1/chat/completions -H 'Content-Type: application/json' -H "Authorization: Bearer {key}" \\
+curl {url}/v1/chat/completions -H 'Content-Type: application/json' -H "Authorization: Bearer {curl_key}" \\
   -d '{{"model": "{server.model_name}", "messages": [{{"role": "user", "content": "舌红苔黄腻，是什么证型？"}}]}}'
 
-python -c 'import openai; c = openai.OpenAI(base_url="{url}/v1", api_key="{key}"); \\
+python3 -c 'import os, openai; c = openai.OpenAI(base_url="{url}/v1", api_key={python_key}); \\
 print(c.chat.completions.create(model="{server.model_name}", messages=[{{"role": "user", "content": "你好"}}]).choices[0].message.content)'
 """)
 
@@ -144,23 +197,36 @@ def start(deploy: DeploySettings, server: Settings, client: RunPodClient, recrea
 
 
 def down(deploy: DeploySettings, client: RunPodClient, delete_volume: bool) -> int:
-    pod = _existing(deploy, client)
-    client.terminate_pod(pod["id"])
-    print(f"terminated pod {pod['id']}")
-    if delete_volume:
-        volume_id, _ = client.ensure_volume(deploy.volume_name, deploy.volume_gb, None)
-        client.terminate_volume(volume_id)
-        print(f"deleted volume {deploy.volume_name} (the cached model is gone)")
+    """Terminate the pod if there is one; with `delete_volume`, also the volume (with or without a pod)."""
+    pod = client.find_pod(deploy.pod_name)
+    if pod is not None:
+        client.terminate_pod(pod["id"])
+        print(f"terminated pod {pod['id']}")
+    elif not delete_volume:
+        raise DeployError(f"no pod named {deploy.pod_name!r}")
     else:
+        print(f"no pod named {deploy.pod_name!r}")
+    if not delete_volume:
         print(f"volume {deploy.volume_name} kept: the next `deploy up` starts from the cached model")
+        return 0
+    volume = client.find_volume(deploy.volume_name)
+    if volume is None:
+        print(f"no volume named {deploy.volume_name!r}")
+        return 0
+    client.terminate_volume(volume["id"])
+    print(f"deleted volume {deploy.volume_name} ({volume['id']}; the cached model is gone)")
     return 0
 
 
-def logs() -> int:
-    print("RunPod's API does not serve container logs. On the pod, the start script logs to /workspace/shizhen/logs/"
-          " (server.log, supervisor.log, install.log): open the pod's web terminal, or see the RunPod console.",
-          file=sys.stderr)
-    return 2
+def logs(deploy: DeploySettings, client: RunPodClient, tail: int, follow: bool) -> int:
+    """The container's output (start script, install, server) from RunPod's logs API."""
+    pod = _existing(deploy, client)
+    for line in client.log_lines(pod["id"], tail=tail, follow=follow):
+        print(line, flush=True)
+    if not follow:
+        print(f"(last {tail} lines of pod {pod['id']}; --follow streams new ones; on the pod they are in "
+              "/workspace/shizhen/logs/)", file=sys.stderr)
+    return 0
 
 
 def _existing(deploy: DeploySettings, client: RunPodClient) -> dict:
@@ -170,12 +236,18 @@ def _existing(deploy: DeploySettings, client: RunPodClient) -> dict:
     return pod
 
 
-def cost_table(gpu_price: float, storage_price_gb_month: float, volume_gb: int) -> list[tuple[str, float, float]]:
-    """The seed design's scenarios: (name, GPU hours, storage months) priced as GPU + volume."""
+HOURS_PER_MONTH = 24 * 30
+
+
+def cost_table(gpu_price: float, deploy: DeploySettings) -> list[tuple[str, float, float, float]]:
+    """The seed design's scenarios: (name, GPU, container disk, volume) in dollars. The container disk is billed
+    only while the pod runs; the network volume all month, running or not."""
     scenarios = [("testing, 8 h/day for two weeks", 8 * 14, 0.5), ("12 h/day, one month", 12 * 30, 1.0),
                  ("24/7, one month", 24 * 30, 1.0)]
-    storage = storage_price_gb_month * volume_gb
-    return [(name, hours * gpu_price, months * storage) for name, hours, months in scenarios]
+    disk_per_hour = deploy.container_disk_price_per_gb_month * deploy.container_disk_gb / HOURS_PER_MONTH
+    volume_per_month = deploy.storage_price_per_gb_month * deploy.volume_gb
+    return [(name, hours * gpu_price, hours * disk_per_hour, months * volume_per_month)
+            for name, hours, months in scenarios]
 
 
 def cost(deploy: DeploySettings, client: RunPodClient | None) -> int:
@@ -183,9 +255,10 @@ def cost(deploy: DeploySettings, client: RunPodClient | None) -> int:
     if client is not None:
         if (api_price := client.gpu_price(deploy.gpu_type)) is not None:
             price, source = api_price, "RunPod API"
-    print(f"{deploy.gpu_type}: ${price:.2f}/h ({source}); volume {deploy.volume_gb} GB at "
-          f"${deploy.storage_price_per_gb_month:.2f}/GB-month")
-    print(f"{'scenario':36} {'GPU':>10} {'storage':>9} {'total':>10}")
-    for name, gpu, storage in cost_table(price, deploy.storage_price_per_gb_month, deploy.volume_gb):
-        print(f"{name:36} {gpu:>10.2f} {storage:>9.2f} {gpu + storage:>10.2f}")
+    print(f"{deploy.gpu_type}: ${price:.2f}/h ({source}); container disk {deploy.container_disk_gb} GB at "
+          f"${deploy.container_disk_price_per_gb_month:.2f}/GB-month while running; volume {deploy.volume_gb} GB "
+          f"at ${deploy.storage_price_per_gb_month:.2f}/GB-month")
+    print(f"{'scenario':36} {'GPU':>10} {'disk':>7} {'volume':>8} {'total':>10}")
+    for name, gpu, disk, volume in cost_table(price, deploy):
+        print(f"{name:36} {gpu:>10.2f} {disk:>7.2f} {volume:>8.2f} {gpu + disk + volume:>10.2f}")
     return 0

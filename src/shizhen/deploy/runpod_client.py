@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+import httpx
 import runpod
 from runpod import error as runpod_error
 from runpod.api.graphql import run_graphql_query
@@ -38,6 +40,32 @@ class PodSpec:
     port: int
     env: dict[str, str]
     docker_args: str
+    cuda_versions: list[str]
+
+    @property
+    def ports(self) -> str:
+        """The API over RunPod's HTTPS proxy; SSH over TCP (sshd runs when the account has a public key)."""
+        return f"{self.port}/http,22/tcp"
+
+
+@dataclass(frozen=True)
+class DeployedPod:
+    """What RunPod says a pod is running: compared with the wanted PodSpec before reusing it."""
+    id: str
+    desired_status: str
+    image: str
+    gpu_type: str | None
+    gpu_count: int
+    env: dict[str, str]
+    docker_args: str
+    network_volume_id: str | None
+
+    @classmethod
+    def from_api(cls, pod: dict) -> DeployedPod:
+        env = dict(item.split("=", 1) for item in pod.get("env") or [] if "=" in item)
+        return cls(pod["id"], pod.get("desiredStatus") or "", pod.get("imageName") or "",
+                   (pod.get("machine") or {}).get("gpuTypeId"), pod.get("gpuCount") or 0, env,
+                   pod.get("dockerArgs") or "", pod.get("networkVolumeId"))
 
 
 class RunPodClient:
@@ -60,16 +88,18 @@ class RunPodClient:
             raise DeployError(f"RunPod: {exc}") from None
 
     # --- volumes ---------------------------------------------------------------------------------------------------
+    def find_volume(self, name: str) -> dict | None:
+        volumes = self._graphql("query { myself { networkVolumes { id name size dataCenterId } } }")
+        return next((v for v in volumes["myself"]["networkVolumes"] or [] if v["name"] == name), None)
+
     def ensure_volume(self, name: str, size_gb: int, data_center: str | None) -> tuple[str, str]:
         """The id and data centre of the network volume called `name`, created if there is none."""
-        volumes = self._graphql("query { myself { networkVolumes { id name size dataCenterId } } }")
-        for volume in volumes["myself"]["networkVolumes"] or []:
-            if volume["name"] == name:
-                if data_center and volume["dataCenterId"] != data_center:
-                    raise DeployError(
-                        f"volume {name!r} is in data centre {volume['dataCenterId']}, not {data_center}: deploy "
-                        f"there (SHIZHEN_DEPLOY_DATA_CENTER={volume['dataCenterId']}) or choose another volume name")
-                return volume["id"], volume["dataCenterId"]
+        if volume := self.find_volume(name):
+            if data_center and volume["dataCenterId"] != data_center:
+                raise DeployError(
+                    f"volume {name!r} is in data centre {volume['dataCenterId']}, not {data_center}: deploy "
+                    f"there (SHIZHEN_DEPLOY_DATA_CENTER={volume['dataCenterId']}) or choose another volume name")
+            return volume["id"], volume["dataCenterId"]
         if not data_center:
             raise DeployError(f"volume {name!r} does not exist yet: set SHIZHEN_DEPLOY_DATA_CENTER to create it")
         created = self._graphql(
@@ -83,9 +113,9 @@ class RunPodClient:
             pod = runpod.create_pod(
                 _escaped(spec.name), spec.image, spec.gpu_type, cloud_type=spec.cloud_type, gpu_count=spec.gpu_count,
                 container_disk_in_gb=spec.container_disk_gb, network_volume_id=spec.volume_id,
-                data_center_id=spec.data_center, ports=f"{spec.port}/http", volume_mount_path="/workspace",
-                env={key: _escaped(value) for key, value in spec.env.items()}, docker_args=spec.docker_args,
-                support_public_ip=True, start_ssh=True,
+                data_center_id=spec.data_center, ports=spec.ports, volume_mount_path="/workspace",
+                env={key: _escaped(value) for key, value in spec.env.items()}, docker_args=_escaped(spec.docker_args),
+                support_public_ip=True, start_ssh=True, allowed_cuda_versions=spec.cuda_versions,
             )
         except runpod_error.AuthenticationError:
             raise DeployError("RunPod refused the API key (401): check RUNPOD_API_KEY") from None
@@ -100,6 +130,21 @@ class RunPodClient:
 
     def pod(self, pod_id: str) -> dict | None:
         return self._call(runpod.get_pod, pod_id)
+
+    def deployed(self, pod_id: str) -> DeployedPod | None:
+        """The pod's image, GPU, env and start command (fields the SDK's own pod query leaves out)."""
+        pod = self._graphql(
+            f"query {{ pod(input: {{podId: {json.dumps(pod_id)}}}) {{ id desiredStatus imageName gpuCount env "
+            f"dockerArgs networkVolumeId machine {{ gpuTypeId }} }} }}")["pod"]
+        return DeployedPod.from_api(pod) if pod else None
+
+    def edit_pod(self, pod_id: str, spec: PodSpec) -> None:
+        """New image, env and start command for an existing pod; RunPod restarts it with them."""
+        env = ", ".join(f"{{key: {json.dumps(k)}, value: {json.dumps(v)}}}" for k, v in spec.env.items())
+        self._graphql(
+            f"mutation {{ podEditJob(input: {{podId: {json.dumps(pod_id)}, imageName: {json.dumps(spec.image)}, "
+            f"dockerArgs: {json.dumps(spec.docker_args)}, containerDiskInGb: {spec.container_disk_gb}, "
+            f"ports: {json.dumps(spec.ports)}, volumeMountPath: \"/workspace\", env: [{env}]}}) {{ id }} }}")
 
     def find_pod(self, name: str) -> dict | None:
         return next((p for p in self._call(runpod.get_pods) if p["name"] == name), None)
@@ -120,6 +165,26 @@ class RunPodClient:
 
     def terminate_volume(self, volume_id: str) -> None:
         self._graphql(f"mutation {{ deleteNetworkVolume(input: {{id: {json.dumps(volume_id)}}}) }}")
+
+    def log_lines(self, pod_id: str, tail: int, follow: bool, idle_seconds: float = 3.0) -> Iterator[str]:
+        """The pod's container log through RunPod's v2 REST API (Server-Sent Events). The stream never ends by
+        itself: without `follow`, stop once no line came for `idle_seconds` (the backfill is over)."""
+        base = os.environ.get("RUNPOD_API_BASE_URL", "https://api.runpod.io")
+        timeout = httpx.Timeout(30, read=None if follow else idle_seconds)
+        try:
+            with httpx.stream("GET", f"{base}/v2/pods/{pod_id}/logs", params={"tail": tail, "source": "container"},
+                              headers={"Authorization": f"Bearer {self._api_key}"}, timeout=timeout) as response:
+                if response.status_code in (401, 403):
+                    raise DeployError(f"RunPod refused the API key for the pod's logs ({response.status_code})")
+                if response.status_code != 200:
+                    raise DeployError(f"RunPod's logs API answered {response.status_code}: {response.read()[:200]}")
+                for line in response.iter_lines():
+                    if line.startswith("data:"):
+                        yield json.loads(line[5:]).get("line", "")
+        except httpx.ReadTimeout:
+            return
+        except httpx.HTTPError as exc:
+            raise DeployError(f"RunPod's logs API: {exc}") from None
 
     def gpu_price(self, gpu_type: str) -> float | None:
         """On-demand $/hour of one GPU of this type in the secure cloud, if the API gives it."""

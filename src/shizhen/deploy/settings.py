@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from ..config import split_csv
+
+# torch 2.14.1 from PyPI (requirements.txt) is built for CUDA 13.0: it needs a host whose driver runs CUDA 13
+# (R580+). RunPod places the pod only on such hosts when the pod asks for these versions.
+POD_CUDA_VERSIONS = ["13.0"]
 
 
 class DeploySettings(BaseSettings):
@@ -14,20 +20,38 @@ class DeploySettings(BaseSettings):
     pod_name: str = "shizhen"
     gpu_type: str = Field("NVIDIA A100 80GB PCIe", description="'NVIDIA GeForce RTX 4090' suits the 7B model.")
     gpu_count: int = Field(1, ge=1)
-    # RunPod's PyTorch template image, pinned: CUDA 12.4 drivers are on every A100/4090 host
+    # RunPod's PyTorch image, pinned, for its Python 3.11, sshd and git; torch itself comes from requirements.txt
+    # into a venv on the volume, with its own CUDA libraries, so only the host's driver matters (POD_CUDA_VERSIONS)
     image: str = "runpod/pytorch:2.4.0-py3.11-cuda12.4.1-devel-ubuntu22.04"
+    cuda_versions: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(POD_CUDA_VERSIONS),
+        description="allowedCudaVersions: host drivers that run the pinned torch wheels (comma-separated).")
     cloud_type: Literal["SECURE", "COMMUNITY", "ALL"] = Field("SECURE", description="Network volumes need SECURE.")
     container_disk_gb: int = Field(50, ge=10)
     volume_name: str = "shizhen-models"
     volume_gb: int = Field(100, ge=10, description="The 32B checkpoint is 67 GB; 100 GB leaves room.")
     data_center: str | None = Field(None, description="e.g. EU-RO-1; needed to create the volume.")
     port: int = 8000
-    package: str = Field(
-        "shizhen-serve", description="pip requirement the pod installs (a version, a wheel URL or a git URL)."
-    )
+    # --- what the pod runs: this checkout, as a wheel on the volume (S3 API) or a pushed commit of a git remote
+    git_url: str | None = Field(
+        None, description="Instead of uploading a wheel: the pod installs git+URL@<this checkout's commit>.")
+    s3_access_key_id: str | None = Field(None, description="RunPod S3 API key's access key (user_...).")
+    s3_secret_access_key: SecretStr | None = Field(None, description="RunPod S3 API key's secret (rps_...).")
+    s3_endpoint_url: str = Field(
+        "https://s3api-{data_center}.runpod.io/", description="{data_center} is the volume's, in lower case.")
+    # --- cost guards, sent to the pod unless SHIZHEN_IDLE_STOP_SECONDS / SHIZHEN_MAX_UPTIME_HOURS say otherwise
+    idle_stop_seconds: float = Field(3600, ge=0, description="Default idle auto-stop of a deployed pod; 0: off.")
+    max_uptime_hours: float = Field(12, ge=0, description="Default uptime cap of a deployed pod; 0: off.")
+    max_restarts: int = Field(5, ge=1, description="Crashes in a row after which the pod stops itself.")
     proxy_url: str = Field("https://{pod_id}-{port}.proxy.runpod.net", description="The pod's public address.")
     ready_timeout_seconds: float = Field(2400, gt=0, description="First start downloads 67 GB.")
     poll_seconds: float = Field(10, gt=0)
     # prices used when the API gives none
     gpu_price_per_hour: float = Field(1.64, ge=0)
-    storage_price_per_gb_month: float = Field(0.07, ge=0)
+    storage_price_per_gb_month: float = Field(0.07, ge=0, description="Network volume, running or not.")
+    container_disk_price_per_gb_month: float = Field(0.10, ge=0, description="Container disk, only while running.")
+
+    @field_validator("cuda_versions", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        return split_csv(value)

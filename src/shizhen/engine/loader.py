@@ -2,13 +2,36 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import AutoProcessor, GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+CPU_SIZED_CHECKPOINT_BYTES = 8 * 10**9  # above this, a CPU load takes many minutes and answers at seconds a token
+
+
+class NoUsableGpu(RuntimeError):
+    """A GPU was expected (a pod, or a big checkpoint) and torch sees none: refuse rather than crawl on the CPU."""
+
+
+def require_gpu_if_expected(source: str, required: bool | None) -> None:
+    """`required` None means: on a RunPod pod, for a hub id (ShizhenGPT's checkpoints are 16-67 GB), or for a
+    local checkpoint over CPU_SIZED_CHECKPOINT_BYTES."""
+    if torch.cuda.is_available():
+        return
+    if required is None:
+        folder = Path(source)
+        size = sum(f.stat().st_size for f in folder.glob("*.safetensors")) if folder.is_dir() else None
+        required = bool(os.environ.get("RUNPOD_POD_ID")) or size is None or size > CPU_SIZED_CHECKPOINT_BYTES
+    if required:
+        raise NoUsableGpu(
+            f"no usable GPU: torch {torch.__version__} (built for CUDA {torch.version.cuda}) sees none, so {source} "
+            "would load on the CPU in float32. Check the driver (nvidia-smi) runs this CUDA version, or set "
+            "SHIZHEN_REQUIRE_GPU=false to load on the CPU anyway.")
 
 
 def resolve_dtype(name: str) -> torch.dtype:

@@ -1,0 +1,101 @@
+"""What the pod runs: exactly the commit of the checkout `deploy up` ran from, never a name from a public index.
+
+Two routes. By default the checkout's committed tree is built into a wheel here and put on the network volume
+through RunPod's S3-compatible API (the volume is the bucket; `s3://VOLUME_ID/path` is `/workspace/path` on the pod).
+With `SHIZHEN_DEPLOY_GIT_URL` the pod installs `git+URL@COMMIT` instead, once that commit is on a remote branch.
+Either way a tree with uncommitted changes is refused: what runs must be a commit someone can read.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .runpod_client import DeployError
+from .settings import DeploySettings
+
+POD_VOLUME = "/workspace"
+RELEASES = "shizhen/releases"  # on the volume
+
+
+@dataclass(frozen=True)
+class Release:
+    commit: str
+    pip_requirement: str  # what the pod's pip installs: a wheel on the volume or git+URL@commit
+
+
+def prepare_release(deploy: DeploySettings, repo_root: Path, volume_id: str, data_center: str) -> Release:
+    """Check the checkout, then build and upload its wheel (or check the commit is pushed)."""
+    commit = checkout_commit(repo_root)
+    if deploy.git_url:
+        if not _git(repo_root, "branch", "--remotes", "--contains", commit):
+            raise DeployError(f"commit {commit[:12]} is on no remote branch: push it first, since the pod installs "
+                              f"{deploy.git_url} at that commit")
+        return Release(commit, f"git+{deploy.git_url}@{commit}")
+    with tempfile.TemporaryDirectory(prefix="shizhen-release-") as scratch:
+        wheel = build_wheel(repo_root, commit, Path(scratch))
+        key = f"{RELEASES}/{commit}/{wheel.name}"
+        upload_to_volume(deploy, volume_id, data_center, wheel, key)
+    return Release(commit, f"{POD_VOLUME}/{key}")
+
+
+def checkout_commit(repo_root: Path) -> str:
+    """HEAD of a clean checkout; anything uncommitted (tracked or not, unless ignored) is refused."""
+    try:
+        commit = _git(repo_root, "rev-parse", "HEAD")
+    except DeployError:
+        raise DeployError(f"{repo_root} is not a git checkout with a commit: the pod runs a commit") from None
+    if changes := _git(repo_root, "status", "--porcelain"):
+        listed = ", ".join(line.split(maxsplit=1)[-1] for line in changes.splitlines()[:5])
+        raise DeployError(f"the checkout has uncommitted changes ({listed}): commit or stash them, since the pod "
+                          "runs exactly a commit")
+    return commit
+
+
+def build_wheel(repo_root: Path, commit: str, scratch: Path) -> Path:
+    """The wheel of `commit`'s tree (`git archive`, so nothing outside the commit gets in)."""
+    source = scratch / "source"
+    archive = scratch / "source.tar"
+    _git(repo_root, "archive", "--format=tar", f"--output={archive}", commit)
+    with tarfile.open(archive) as tar:
+        tar.extractall(source, filter="data")
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
+         "--wheel-dir", str(scratch / "wheel"), str(source)], capture_output=True, text=True)
+    if built.returncode != 0:
+        raise DeployError(f"building the wheel of {commit[:12]} failed:\n{built.stderr.strip()[-2000:]}")
+    [wheel] = (scratch / "wheel").glob("*.whl")
+    return wheel
+
+
+def upload_to_volume(deploy: DeploySettings, volume_id: str, data_center: str, path: Path, key: str) -> None:
+    """Put a file on the network volume through RunPod's S3-compatible API (boto3)."""
+    import boto3
+    from botocore.config import Config
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    if not (deploy.s3_access_key_id and deploy.s3_secret_access_key):
+        raise DeployError("the pod's code goes onto the volume through RunPod's S3 API: set "
+                          "SHIZHEN_DEPLOY_S3_ACCESS_KEY_ID and SHIZHEN_DEPLOY_S3_SECRET_ACCESS_KEY (RunPod console, "
+                          "Settings, S3 API Keys), or SHIZHEN_DEPLOY_GIT_URL to install a pushed commit instead")
+    endpoint = deploy.s3_endpoint_url.format(data_center=data_center.lower())
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name=data_center,  # RunPod: the region is the data centre
+                      config=Config(s3={"addressing_style": "path"}),  # one host per data centre, volumes as paths
+                      aws_access_key_id=deploy.s3_access_key_id,
+                      aws_secret_access_key=deploy.s3_secret_access_key.get_secret_value())
+    try:
+        s3.upload_file(str(path), volume_id, key)
+    except (BotoCoreError, ClientError) as exc:
+        raise DeployError(f"uploading {path.name} to volume {volume_id} through {endpoint} failed: {exc} (the S3 "
+                          f"API serves only some data centres; see README)") from None
+
+
+def _git(repo_root: Path, *args: str) -> str:
+    result = subprocess.run(["git", "-C", str(repo_root), *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise DeployError(f"git {' '.join(args)}: {result.stderr.strip()}")
+    return result.stdout.strip()
