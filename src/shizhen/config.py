@@ -104,7 +104,10 @@ class Settings(BaseSettings):
     metrics_require_api_key: bool = Field(False, description="Guard /metrics with the API keys too.")
 
     # --- protection -----------------------------------------------------------------------------------------------
-    max_waiting_requests: int = Field(256, ge=1, description="Queued requests beyond this get 429.")
+    max_waiting_requests: int = Field(
+        256, ge=1, description="Accepted requests not yet generating beyond this get 429 (preparing ones count).")
+    prompt_build_threads: int = Field(
+        2, ge=1, description="Threads that apply the chat template and tokenize (they hold the GIL: keep it small).")
     request_timeout_seconds: float = Field(600.0, gt=0, description="A generation running longer is ended (504).")
     rate_limit: str | None = Field(
         None, description="Per API key (or client address), in the `limits` syntax: '60/minute', '10/second;500/hour'."

@@ -8,15 +8,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from contextlib import aclosing
+import weakref
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 
 from pydantic import BaseModel
 
 from .config import Settings
 from .engine.engine import Engine, EngineState
 from .engine.prompt import ChatTurn, Part, PromptInputs
-from .engine.request import EngineFailure, GenerationOutput, GenerationRequest
+from .engine.request import EngineFailure, GenerationOutput, GenerationRequest, RequestStream
 from .engine.sampling import SamplingParams
 from .errors import (
     InternalError,
@@ -25,6 +27,7 @@ from .errors import (
     RateLimited,
     RequestTimedOut,
     ServiceUnavailable,
+    ServingError,
 )
 from .media import ImageIntake
 from .observability.metrics import ServerMetrics
@@ -48,6 +51,11 @@ from .protocol import (
 
 log = logging.getLogger(__name__)
 LOADING_RETRY_AFTER_S = 10
+SHUTDOWN_CUT = "server_shutdown"  # the error code of answers cut when the grace period ends
+
+
+class PromptFailed(Exception):
+    """Building a prompt raised; carries the cause's name and message across the thread boundary."""
 
 
 class ChatService:
@@ -57,6 +65,17 @@ class ChatService:
         self._metrics = metrics
         self.images = ImageIntake(settings, metrics)
         self.draining = False  # set on SIGTERM: finish what runs, take nothing new
+        self._loop = asyncio.get_running_loop()
+        # templates and tokenizers hold the GIL: a bounded pool keeps a flood of them from starving the event loop
+        self._prompt_threads = ThreadPoolExecutor(settings.prompt_build_threads, thread_name_prefix="shizhen-prompt")
+        # accepted requests not yet in the engine's queue count as waiting too, so a burst cannot pass the limit
+        self._preparing = 0
+        self._unsubmitted: set[str] = set()
+        self._live: set[RequestStream] = set()  # submitted and not yet ended
+
+    async def aclose(self) -> None:
+        self._prompt_threads.shutdown(wait=False, cancel_futures=True)
+        await self.images.aclose()
 
     # --- admission -----------------------------------------------------------------------------------------------
     def check_model(self, requested: str | None) -> None:
@@ -79,27 +98,62 @@ class ChatService:
         if engine.state is EngineState.FAILED:
             raise ServiceUnavailable(f"the model failed to load: {engine.error}", retry_after=60)
 
-    async def prepare(self, body: ChatCompletionRequest, image_param: str | None = None) -> GenerationRequest:
+    async def prepare(self, body: ChatCompletionRequest, image_param: str | None = None,
+                      text_param: str | None = None) -> GenerationRequest:
         """Validate and preprocess a request into an engine request; raises ServingError for anything refused.
 
-        `image_param` names the field images came from in errors, for endpoints whose body is not `messages`.
+        `image_param` and `text_param` name the fields images and text came from in errors, for endpoints whose
+        body is not `messages`. Checks that need no tokenizing come first.
         """
         arrived = time.monotonic()
         self.check_model(body.model)
         self.require_ready()
-        if self._engine.waiting >= self._settings.max_waiting_requests:
-            raise RateLimited(f"the server is at capacity ({self._engine.waiting} requests waiting); retry shortly",
+        queued = self._engine.waiting + self._preparing + len(self._unsubmitted)
+        if queued >= self._settings.max_waiting_requests:
+            raise RateLimited(f"the server is at capacity ({queued} requests waiting); retry shortly",
                               code="server_overloaded", retry_after=2)
         if self._settings.log_message_contents:
             log.debug("request messages: %s", [m.model_dump() for m in body.messages])
         record = current_request.get()
         if record is not None:
             record.model = self._settings.model_name
-        turns = await self._turns(body.messages, image_param)
-        prompt = await asyncio.to_thread(self._engine.prompt_builder.build, turns)
-        return GenerationRequest(completion_id(), prompt, self._sampling(body, prompt), arrived=arrived)
+        self._preparing += 1
+        try:
+            self._refuse_what_cannot_fit(body.messages)
+            turns = await self._turns(body.messages, image_param, text_param)
+            prompt = await self._build_prompt(turns)
+            request = GenerationRequest(completion_id(), prompt, self._sampling(body, prompt), arrived=arrived)
+        finally:
+            self._preparing -= 1
+        self._unsubmitted.add(request.request_id)  # until submitted, or dropped unanswered (a vanished client)
+        weakref.finalize(request, self._unsubmitted.discard, request.request_id)
+        return request
 
-    async def _turns(self, messages: list[ChatMessage], image_param: str | None) -> list[ChatTurn]:
+    def _refuse_what_cannot_fit(self, messages: list[ChatMessage]) -> None:
+        """Refuse, from sizes alone, a conversation whose prompt cannot fit the context: every message is at least
+        one token, text at least one token per `max_token_bytes` bytes, an image at least its smallest size's
+        tokens. Tokenizing 50,000 messages only to refuse them would hold a worker for seconds."""
+        builder = self._engine.prompt_builder
+        texts = [m.content if isinstance(m.content, str) else "".join(getattr(p, "text", "") for p in m.content)
+                 for m in messages if m.content]
+        images = sum(isinstance(p, ImagePart) for m in messages if isinstance(m.content, list) for p in m.content)
+        text_bytes = sum(len(text.encode("utf-8", "surrogatepass")) for text in texts)
+        least = len(messages) + text_bytes // builder.max_token_bytes + images * builder.min_image_tokens
+        if least >= self._settings.max_context_length:
+            raise InvalidRequest(
+                f"the conversation ({len(messages)} messages, {text_bytes} bytes of text, {images} images) is more "
+                f"than this server's {self._settings.max_context_length}-token context holds. Shorten it.",
+                param="messages", code="context_length_exceeded")
+
+    async def _build_prompt(self, turns: list[ChatTurn]) -> PromptInputs:
+        try:
+            return await self._loop.run_in_executor(self._prompt_threads, _build, self._engine.prompt_builder, turns)
+        except PromptFailed as exc:
+            raise InvalidRequest(f"the conversation could not be turned into a prompt: {exc}", param="messages",
+                                 code="invalid_prompt") from None
+
+    async def _turns(self, messages: list[ChatMessage], image_param: str | None,
+                     text_param: str | None) -> list[ChatTurn]:
         image_count = sum(
             isinstance(part, ImagePart) for m in messages if isinstance(m.content, list) for part in m.content
         )
@@ -109,26 +163,40 @@ class ChatService:
                 param="messages",
                 code="too_many_images",
             )
-        return [await self._turn(i, message, image_param) for i, message in enumerate(messages)]
+        return [await self._turn(i, message, image_param, text_param) for i, message in enumerate(messages)]
 
-    async def _turn(self, index: int, message: ChatMessage, image_param: str | None) -> ChatTurn:
+    async def _turn(self, index: int, message: ChatMessage, image_param: str | None,
+                    text_param: str | None) -> ChatTurn:
         role = "system" if message.role == "developer" else message.role
         if message.content is None:
             if role != "assistant":
                 raise InvalidRequest(f"{role} messages need content", param=f"messages[{index}].content")
             return ChatTurn(role, ("",))
         if isinstance(message.content, str):
-            return ChatTurn(role, (message.content,))
+            return ChatTurn(role, (self._plain_text(message.content, text_param or f"messages[{index}].content"),))
         parts: list[Part] = []
         for j, part in enumerate(message.content):
-            param = image_param or f"messages[{index}].content[{j}]"
+            param = f"messages[{index}].content[{j}]"
             if not isinstance(part, ImagePart):
-                parts.append(part.text)
+                parts.append(self._plain_text(part.text, text_param or param))
             elif role != "user":
-                raise InvalidRequest(f"images are only accepted in user messages, not {role}", param=param)
+                raise InvalidRequest(f"images are only accepted in user messages, not {role}",
+                                     param=image_param or param)
             else:
-                parts.append(await self.images.load(part.image_url.url, param))
+                parts.append(await self.images.load(part.image_url.url, image_param or param))
         return ChatTurn(role, tuple(parts))
+
+    def _plain_text(self, text: str, param: str) -> str:
+        """User-supplied text stays text: no control tokens (they would forge turns or image slots), valid UTF-8."""
+        if token := self._engine.prompt_builder.control_token_in(text):
+            raise InvalidRequest(f"the text contains the control token {token!r}, which only the chat template may "
+                                 "write; remove it", param=param, code="control_token_in_text")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidRequest(f"the text is not valid Unicode (a lone surrogate at character {exc.start})",
+                                 param=param) from None
+        return text
 
     def _sampling(self, body: ChatCompletionRequest, prompt: PromptInputs) -> SamplingParams:
         settings = self._settings
@@ -209,9 +277,9 @@ class ChatService:
                         yield chunk(Delta(), output.finish_reason)
                         if include_usage:
                             yield chunk(Delta(), usage=_usage(request, output.completion_tokens))
-        except (EngineFailure, RequestTimedOut) as exc:
-            error = exc if isinstance(exc, RequestTimedOut) else InternalError(f"generation failed: {exc}",
-                                                                                  code="engine_error")
+        except (EngineFailure, ServingError) as exc:
+            error = exc if isinstance(exc, ServingError) else InternalError(f"generation failed: {exc}",
+                                                                               code="engine_error")
             yield _sse(ErrorResponse(error=ErrorBody(message=error.message, type=error.error_type, code=error.code)))
         yield "data: [DONE]\n\n"
 
@@ -226,12 +294,18 @@ class ChatService:
         deadline = request.arrived + timeout
         metrics, record = self._metrics, current_request.get()
         stream = self._engine.submit(request)
+        self._unsubmitted.discard(request.request_id)  # the engine's queue counts it from here
+        self._live.add(stream)
         last = None
         try:
             while True:
                 remaining = deadline - time.monotonic()
                 try:
                     output = await stream.next(timeout=max(min(remaining, heartbeat or remaining), 0))
+                except ServiceUnavailable as exc:
+                    if exc.code == SHUTDOWN_CUT and record is not None:
+                        record.finish_reason = "cut_at_shutdown"
+                    raise
                 except TimeoutError:
                     if time.monotonic() < deadline:
                         if heartbeat:
@@ -254,6 +328,17 @@ class ChatService:
                     return
         finally:
             stream.cancel()
+            self._live.discard(stream)
+
+    def cut_running(self) -> None:
+        """Thread-safe, for the end of the shutdown grace period: every answer still running ends now, a stream
+        with an error chunk and `[DONE]`, a plain request with a 503."""
+        def cut() -> None:
+            error = ServiceUnavailable("the server shut down before this answer was finished; ask again",
+                                       code=SHUTDOWN_CUT, retry_after=LOADING_RETRY_AFTER_S)
+            for stream in list(self._live):
+                stream.abort(error)
+        self._loop.call_soon_threadsafe(cut)
 
     def _finished(self, request: GenerationRequest, output: GenerationOutput, at: float) -> None:
         metrics = self._metrics
@@ -266,6 +351,15 @@ class ChatService:
             record.prompt_tokens = request.prompt.num_tokens
             record.completion_tokens = output.completion_tokens
             record.finish_reason = output.finish_reason
+
+
+def _build(builder, turns: list[ChatTurn]) -> PromptInputs:
+    """Runs on a prompt thread. Every exception leaves as PromptFailed: a StopIteration raised into the awaiting
+    Future would never reach the coroutine, leaving the request without an answer for good."""
+    try:
+        return builder.build(turns)
+    except Exception as exc:
+        raise PromptFailed(f"{type(exc).__name__}: {exc}") from None
 
 
 def _pick(value: float | None, defaults: dict[str, float], name: str, fallback: float) -> float:

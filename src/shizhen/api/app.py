@@ -27,6 +27,7 @@ from . import metrics as metrics_routes
 from .auth import require_api_key
 from .body_limit import BodySizeLimit
 from .errors import install_error_handlers
+from .openapi import install_openapi
 from .rate_limit import RateLimiter, enforce_rate_limit
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def create_app(settings: Settings, model_source: str | None = None) -> FastAPI:
         if auto_stop_task is not None:
             auto_stop_task.cancel()
         engine.stop()
-        await app.state.chat.images.aclose()
+        await app.state.chat.aclose()
 
     app = FastAPI(title="ShizhenGPT API", version="0.1.0", lifespan=lifespan)
     metrics = ServerMetrics()
@@ -81,6 +82,7 @@ def create_app(settings: Settings, model_source: str | None = None) -> FastAPI:
         "max_request_bytes": settings.max_request_bytes,
     }
     install_error_handlers(app)
+    install_openapi(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(
         CORSMiddleware,

@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import InternalError, InvalidRequest, ServingError
 from ..protocol import ErrorBody, ErrorResponse
@@ -72,7 +73,32 @@ def install_error_handlers(app: FastAPI) -> None:
         error.status, error.error_type = exc.status_code, _HTTP_ERROR_TYPES.get(exc.status_code, "invalid_request_error")
         return error_response(error)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return error_response(InternalError(f"internal error: {type(exc).__name__}", code="internal_error"))
+    app.add_middleware(UnexpectedErrors)  # added first, so it sits inside the others (the access log sees its 500)
+
+
+class UnexpectedErrors:
+    """An exception no handler took becomes a 500 envelope here. (Starlette's last-resort handler answers and then
+    re-raises: uvicorn then closes the connection, so a keep-alive client's next request fails too.)"""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            log.exception("unexpected error on %s %s", scope["method"], scope["path"])
+            if started:  # mid-body: no second response can be sent
+                raise
+            error = InternalError(f"internal error: {type(exc).__name__}: {exc}", code="internal_error")
+            await error_response(error)(scope, receive, send)

@@ -1,8 +1,9 @@
 """Graceful shutdown for SIGTERM (what RunPod sends when a pod stops).
 
 The first signal starts draining: new model requests get 503, `/health` says "draining", running generations go
-on for up to the grace period; then uvicorn's own shutdown closes the connections and the process exits 0. A
-second signal exits at once.
+on for up to the grace period. Answers still running then are cut by the service (a stream ends with an error chunk
+and `[DONE]`, a plain request gets a 503), so no connection is dropped mid-body; then uvicorn's own shutdown closes
+the connections and the process exits 0. A second signal exits at once.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import uvicorn
 from fastapi import FastAPI
 
 log = logging.getLogger(__name__)
+CUT_FLUSH_SECONDS = 3  # for cut answers to reach their clients before the connections close
 
 
 class DrainingServer(uvicorn.Server):
@@ -34,8 +36,22 @@ class DrainingServer(uvicorn.Server):
         threading.Thread(target=self._exit_when_drained, name="shizhen-drain", daemon=True).start()
 
     def _exit_when_drained(self) -> None:
-        deadline = time.monotonic() + self._grace_seconds
         state = self._app.state
-        while time.monotonic() < deadline and state.engine.running + state.engine.waiting + state.in_flight > 0:
-            time.sleep(0.05)
+
+        def busy() -> bool:
+            return state.engine.running + state.engine.waiting + state.in_flight > 0
+
+        if not _wait_until(lambda: not busy(), self._grace_seconds):
+            log.warning("grace period over: cutting %d requests still being answered", state.in_flight)
+            state.chat.cut_running()
+            _wait_until(lambda: not busy(), CUT_FLUSH_SECONDS)
         self.should_exit = True
+
+
+def _wait_until(done, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not done():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True

@@ -16,9 +16,18 @@ from .chat import SSE_HEADERS, unless_disconnected
 from .deps import Chat
 
 router = APIRouter()
+FORM_FIELDS = {  # the multipart form carries VisionAnalyzeRequest's fields, with `image` as a file
+    "image": {"type": "string", "format": "binary", "description": "the photo (JPEG, PNG, WebP, HEIC, ...)"},
+    **{name: field for name, field in VisionAnalyzeRequest.model_json_schema()["properties"].items()
+       if name != "image"},
+}
+REQUEST_BODY = {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": FORM_FIELDS}},
+    "application/json": {"schema": VisionAnalyzeRequest.model_json_schema()},
+}}
 
 
-@router.post("/v1/vision/analyze", response_model=None)
+@router.post("/v1/vision/analyze", response_model=None, openapi_extra={"requestBody": REQUEST_BODY})
 async def analyze_tongue_photo(request: Request, chat: Chat):
     """Read one photo (default question: 请从中医角度解读这张舌苔。) and answer {analysis, question, model, usage}."""
     vision = await _parse(request)
@@ -31,7 +40,7 @@ async def analyze_tongue_photo(request: Request, chat: Chat):
         temperature=vision.temperature,
         stream=vision.stream,
     )
-    prepared = await chat.prepare(body, image_param="image")
+    prepared = await chat.prepare(body, image_param="image", text_param="question")
     if vision.stream:
         return StreamingResponse(chat.stream(prepared, include_usage=True), media_type="text/event-stream",
                                  headers=SSE_HEADERS)

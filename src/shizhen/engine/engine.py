@@ -196,15 +196,8 @@ class Engine:
         scheduler = self._scheduler
         for sequence in scheduler.cancelled():
             self._end(sequence, EngineFailure("the request was cancelled"))
-        admitted = scheduler.admissions()
-        if admitted:
-            try:
-                self._in_flight.append(self._prefill(admitted))
-            except Exception as exc:  # a failed prefill must not take the running requests down
-                self._recover(exc, "a prefill")
-                for admission in admitted:
-                    admission.stream.put(EngineFailure(f"{type(exc).__name__}: {exc}"))
-                    self._release(admission.slot)
+        if admitted := scheduler.admissions():
+            self._prefill_isolated(admitted)
         try:
             if scheduler.running:
                 self._grow_blocks()
@@ -219,6 +212,28 @@ class Engine:
             self._recover(exc, "a decode step")
             for sequence in list(scheduler.running.values()):
                 self._end(sequence, EngineFailure(f"{type(exc).__name__}: {exc}"))
+
+    def _prefill_isolated(self, admitted: list[Admission]) -> None:
+        """Prefill the admissions together; if that fails, once more one by one, so that only a request that fails
+        on its own is failed (a failed prefill never takes running requests down either)."""
+        try:
+            self._in_flight.append(self._prefill(admitted))
+            return
+        except Exception as exc:
+            self._recover(exc, f"a prefill of {len(admitted)} requests")
+            if len(admitted) == 1:
+                self._fail_admission(admitted[0], exc)
+                return
+        for admission in admitted:
+            try:
+                self._in_flight.append(self._prefill([admission]))
+            except Exception as exc:
+                self._recover(exc, f"the prefill of request {admission.stream.request.request_id} alone")
+                self._fail_admission(admission, exc)
+
+    def _fail_admission(self, admission: Admission, exc: Exception) -> None:
+        admission.stream.put(EngineFailure(f"{type(exc).__name__}: {exc}"))
+        self._release(admission.slot)
 
     def _prefill(self, admitted: list[Admission]) -> InFlightStep:
         """Queue the prompts' prefill and first-token sampling; the new sequences join the decode batch at once
@@ -295,8 +310,13 @@ class Engine:
         if step.done is not None:
             step.done.synchronize()
         for sequence, token in zip(step.sequences, step.tokens.tolist(), strict=True):
-            if not sequence.finished:  # finished or cancelled while this step was in flight
+            if sequence.finished:  # finished or cancelled while this step was in flight
+                continue
+            try:
                 self._emit(sequence, token)
+            except Exception as exc:  # detokenizing or stop strings: this request's own failure only
+                log.exception("handing out a token of request %s failed", sequence.stream.request.request_id)
+                self._end(sequence, EngineFailure(f"{type(exc).__name__}: {exc}"))
 
     def _emit(self, sequence: Sequence, token: int) -> None:
         output = sequence.accept(token)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 
 import torch
@@ -54,6 +55,21 @@ class PromptBuilder:
     def __init__(self, processor, image_min_pixels: int, image_max_pixels: int):
         self._processor = processor
         self._image_kwargs = {"min_pixels": image_min_pixels, "max_pixels": image_max_pixels}
+        tokenizer = processor.tokenizer
+        added = {t.content for t in tokenizer.added_tokens_decoder.values()}
+        special = sorted((t.content for t in tokenizer.added_tokens_decoder.values() if t.special), key=len,
+                         reverse=True)
+        self._control_tokens = re.compile("|".join(map(re.escape, special))) if special else None
+        # byte-level BPE (Qwen's): one character of a vocabulary entry is one byte of text, so a text of n bytes is
+        # at least n / max_token_bytes tokens, which bounds a prompt's length before tokenizing it
+        self.max_token_bytes = max(len(token) for token in tokenizer.get_vocab() if token not in added)
+        self.min_image_tokens = image_min_pixels // (28 * 28)  # merged 28x28 patches of the smallest image
+
+    def control_token_in(self, text: str) -> str | None:
+        """The first of the tokenizer's special tokens (`<|im_start|>`, `<|image_pad|>`, ...) that `text` contains:
+        the tokenizer would read it as that token, so a user could forge turns or image slots."""
+        found = self._control_tokens.search(text) if self._control_tokens else None
+        return found.group() if found else None
 
     def build(self, turns: list[ChatTurn]) -> PromptInputs:
         messages = [{"role": turn.role, "content": _template_content(turn.parts)} for turn in turns]

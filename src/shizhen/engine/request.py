@@ -42,7 +42,7 @@ class RequestStream:
     def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop):
         self.request = request
         self._loop = loop
-        self._queue: asyncio.Queue[GenerationOutput | EngineFailure] = asyncio.Queue()
+        self._queue: asyncio.Queue[GenerationOutput | Exception] = asyncio.Queue()
         self._cancelled = threading.Event()
 
     # --- the worker's side -------------------------------------------------------------------------------------
@@ -63,9 +63,14 @@ class RequestStream:
         # output arrives, and a disconnected client's generation would then run to the end
         async with asyncio.timeout(timeout):
             item = await self._queue.get()
-        if isinstance(item, EngineFailure):
+        if isinstance(item, Exception):
             raise item
         return item
 
     def cancel(self) -> None:
         self._cancelled.set()
+
+    def abort(self, error: Exception) -> None:
+        """From the event loop: end the request now; its consumer's `next` raises `error`."""
+        self._cancelled.set()
+        self._queue.put_nowait(error)
