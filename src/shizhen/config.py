@@ -19,8 +19,10 @@ _MEMORY_SIZE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$", re
 
 
 def split_csv(value: object) -> object:
-    """Accept `a,b,c` from an environment variable as well as a list from Python or JSON."""
+    """Accept `a,b,c` or a JSON list `["a", "b"]` from an environment variable, as well as a list from Python."""
     if isinstance(value, str):
+        if value.strip().startswith("["):
+            return json.loads(value)
         return [item.strip() for item in value.split(",") if item.strip()]
     return value
 
@@ -47,8 +49,8 @@ class Settings(BaseSettings):
         "auto", description="`auto`: bfloat16 where the GPU supports it, else float16; float32 on CPU."
     )
     require_gpu: bool | None = Field(
-        None, description="Refuse to load without a usable GPU. Default: on a RunPod pod, and for checkpoints over "
-                          "8 GB; `false` lets a big model load on the CPU (slowly)."
+        None, description="Refuse to load without a usable GPU. Default (unset): on a RunPod pod, for hub ids and "
+                          "for checkpoints over 8 GB; --no-require-gpu lets a big model load on the CPU (slowly)."
     )
     device_map: str = Field("auto", description="Passed to from_pretrained: `auto`, `cuda:0`, `cpu`, ...")
     max_memory: Annotated[dict[str, str] | None, NoDecode] = Field(
@@ -86,8 +88,8 @@ class Settings(BaseSettings):
     download_backoff_seconds: float = Field(2.0, ge=0, description="First retry delay; doubled each time.")
 
     # --- HTTP ---------------------------------------------------------------------------------------------------
-    host: str = "0.0.0.0"
-    port: int = Field(8000, ge=1, le=65535)
+    host: str = Field("0.0.0.0", description="Address to listen on; 127.0.0.1 keeps it to this machine.")
+    port: int = Field(8000, ge=1, le=65535, description="Port to listen on (bound before the model loads).")
     cors_allowed_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["*"], description="Comma-separated origins; `*` allows any."
     )
@@ -98,7 +100,7 @@ class Settings(BaseSettings):
     stream_heartbeat_seconds: float = Field(
         15.0, gt=0, description="SSE comment sent while waiting for tokens, so idle-timeout proxies keep the stream."
     )
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Least severe level logged.")
     log_json: bool | None = Field(None, description="JSON log lines; default: when stderr is not a terminal.")
     log_message_contents: bool = Field(False, description="Debug only: also log what clients send.")
     metrics_require_api_key: bool = Field(False, description="Guard /metrics with the API keys too.")
@@ -125,6 +127,10 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(
         30.0, ge=0, description="On SIGTERM: how long running generations may finish before the server exits."
     )
+    stay_up_on_load_failure: bool = Field(
+        False, description="When the model cannot load: keep serving /health's `failed` and its reason instead of "
+                           "exiting with code 1 (a supervisor then restarts it)."
+    )
 
     # --- generation limits --------------------------------------------------------------------------------------
     default_max_tokens: int = Field(2048, ge=1, description="Used when a request sets no max_tokens.")
@@ -132,7 +138,7 @@ class Settings(BaseSettings):
     max_context_length: int = Field(8192, ge=16, description="Prompt plus completion tokens, at most.")
 
     # --- images -------------------------------------------------------------------------------------------------
-    max_images_per_request: int = Field(4, ge=0)
+    max_images_per_request: int = Field(4, ge=0, description="Photos one request may carry.")
     max_image_bytes: int = Field(10 * 1024 * 1024, ge=1024, description="Largest encoded image accepted.")
     # A tongue photo needs the coating's texture, cracks and tooth marks, not the whole face: ~776x776 pixels
     # (768 visual tokens) keeps that detail while bounding prefill; tiny crops are upscaled to ~224x224.
@@ -148,9 +154,13 @@ class Settings(BaseSettings):
         default_factory=list,
         description="If set, only these hosts (and subdomains) are fetched, and they may be private addresses.",
     )
-    image_fetch_connect_timeout_seconds: float = Field(3.0, gt=0)
+    image_fetch_connect_timeout_seconds: float = Field(3.0, gt=0, description="Connecting to an image URL's host.")
     image_fetch_timeout_seconds: float = Field(10.0, gt=0, description="Whole fetch, redirects included.")
-    image_fetch_max_redirects: int = Field(3, ge=0)
+    image_fetch_max_redirects: int = Field(3, ge=0, description="Redirects followed, each checked like the first.")
+
+    @property
+    def listens_beyond_this_machine(self) -> bool:
+        return self.host not in ("127.0.0.1", "localhost", "::1")
 
     @field_validator("cors_allowed_origins", "api_keys", "image_fetch_allowed_hosts", mode="before")
     @classmethod
@@ -164,7 +174,11 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             if value.strip().startswith("{"):
                 return json.loads(value)
-            return dict(item.split("=", 1) for item in split_csv(value)) or None
+            pairs = split_csv(value)
+            if malformed := [item for item in pairs if "=" not in item]:
+                raise ValueError(f"expected DEVICE=SIZE pairs, e.g. 0=75GiB or 0=75GiB,cpu=100GiB, not "
+                                 f"{malformed[0]!r}")
+            return dict(item.split("=", 1) for item in pairs) or None
         return value
 
     @field_validator("max_memory")
@@ -210,3 +224,15 @@ class Settings(BaseSettings):
         if self.served_model_name:
             return self.served_model_name
         return DEMO_MODEL_NAME if self.demo else self.model
+
+
+# `shizhen serve --help` groups its flags as the class above does: the first field of each group, and its title
+SETTINGS_SECTIONS = {
+    "model": "the model",
+    "max_num_seqs": "the engine",
+    "hf_endpoint": "the model store (hub downloads)",
+    "host": "HTTP",
+    "max_waiting_requests": "protection and cost control",
+    "default_max_tokens": "generation limits",
+    "max_images_per_request": "images",
+}

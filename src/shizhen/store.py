@@ -210,6 +210,18 @@ class ModelStore:
         return json.loads(self.manifest_path.read_text())
 
 
+def model_folder(source: str) -> Path | None:
+    """The local checkpoint folder `source` names, or None for a hub id ("org/name"). Something that looks like a
+    path and is no folder is an error here, not a hub id to try five times."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or source.startswith(("/", ".", "~")) or "\\" in source or source.count("/") != 1:
+        raise StoreError(f"no such folder: {source} (a local checkpoint folder, or a hub id like "
+                         "FreedomIntelligence/ShizhenGPT-7B-VL)")
+    return None
+
+
 def _safetensors_header_problem(path: Path) -> str | None:
     """A safetensors file starts with an 8-byte length and a JSON header whose offsets must fit the file."""
     size = path.stat().st_size

@@ -8,7 +8,6 @@ import logging
 import time
 from contextlib import asynccontextmanager
 from functools import partial
-from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -20,7 +19,7 @@ from ..engine.loader import load_model, require_gpu_if_expected
 from ..observability.metrics import ServerMetrics
 from ..observability.requests import RequestObserver
 from ..serving import ChatService
-from ..store import model_store
+from ..store import model_folder, model_store
 from ..tiny_checkpoint import is_random_test_model
 from . import chat, health, models, page, vision
 from . import metrics as metrics_routes
@@ -122,7 +121,7 @@ def load_model_from_settings(source: str, settings: Settings, report_phase):
     """A local folder loads as it is; a hub id goes through the model store (download once, verify, repair).
     Without the GPU the model needs, nothing is downloaded or loaded."""
     require_gpu_if_expected(source, settings.require_gpu)
-    if not Path(source).is_dir():
+    if model_folder(source) is None:
         source = str(model_store(settings, report_phase).ensure())
     return load_model(
         source,

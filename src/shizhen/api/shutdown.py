@@ -8,6 +8,7 @@ the connections and the process exits 0. A second signal exits at once.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -15,16 +16,38 @@ import time
 import uvicorn
 from fastapi import FastAPI
 
+from ..engine.engine import EngineState
+
 log = logging.getLogger(__name__)
 CUT_FLUSH_SECONDS = 3  # for cut answers to reach their clients before the connections close
 
 
 class DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, app: FastAPI, grace_seconds: float):
+    """uvicorn's server with the process's exit policy: drain on SIGTERM (exit 0), and, with
+    `exit_on_load_failure`, exit 1 once the model has failed to load, so a supervisor can act."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, grace_seconds: float, exit_on_load_failure: bool):
         super().__init__(config)
         self._app = app
         self._grace_seconds = grace_seconds
         self._draining = False
+        self._exit_on_load_failure = exit_on_load_failure
+        self.exit_code = 0
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self._exit_on_load_failure and not self.should_exit:
+            self._watching = asyncio.create_task(self._exit_if_the_load_fails())
+
+    async def _exit_if_the_load_fails(self) -> None:
+        engine = self._app.state.engine
+        while engine.state is EngineState.LOADING:
+            await asyncio.sleep(0.2)
+        if engine.state is EngineState.FAILED:
+            log.error("the model could not be loaded (%s); exiting with code 1 (SHIZHEN_STAY_UP_ON_LOAD_FAILURE=true "
+                      "keeps serving /health with the reason instead)", engine.error)
+            self.exit_code = 1
+            self.should_exit = True
 
     def handle_exit(self, sig: int, frame) -> None:
         if self._draining or not hasattr(self._app.state, "chat"):

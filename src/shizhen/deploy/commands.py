@@ -90,6 +90,7 @@ def pod_spec(deploy: DeploySettings, server: Settings, release: Release, volume_
         "SHIZHEN_CORS_ALLOWED_ORIGINS": ",".join(server.cors_allowed_origins),
         "SHIZHEN_MAX_MEMORY": "0=75GiB" if "80GB" in deploy.gpu_type else "",
         "SHIZHEN_REQUIRE_GPU": "true",
+        "SHIZHEN_STAY_UP_ON_LOAD_FAILURE": "true",  # `up` and `status` show the reason; the idle stop ends the bill
         "SHIZHEN_PACKAGE": release.pip_requirement,
         "SHIZHEN_REQUIREMENTS_B64": base64.b64encode((REPO_ROOT / "requirements.txt").read_bytes()).decode(),
         "SHIZHEN_MAX_RESTARTS": str(deploy.max_restarts),
