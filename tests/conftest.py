@@ -233,7 +233,7 @@ def checkout(tmp_path, monkeypatch) -> Path:
     """A clean clone of this repository's HEAD (with `origin/main`), as the checkout `deploy up` ships."""
     clone = tmp_path / "checkout"
     subprocess.run(["git", "clone", "--quiet", "--no-hardlinks", str(REPO_ROOT), str(clone)], check=True)
-    monkeypatch.setattr("shizhen.deploy.commands.REPO_ROOT", clone)
+    monkeypatch.setattr("shizhen.deploy.release.REPO_ROOT", clone)
     return clone
 
 

@@ -38,6 +38,8 @@ class StandInRunPod:
         self.volumes: list[dict] = []
         self.pods: dict[str, dict] = {}
         self.logs: dict[str, list[str]] = {}
+        self.templates: dict[str, dict] = {}
+        self.endpoints: dict[str, dict] = {}
         self.no_capacity = False
         self.no_gpus_on_resume = False
         self.on_volume_created: list = []  # callbacks(volume), e.g. its bucket in an S3 stand-in
@@ -73,7 +75,8 @@ class StandInRunPod:
     # Query
     def myself(self, info):
         return {"id": "user1", "pubKey": "", "pods": [self._api_pod(p) for p in self.pods.values()],
-                "networkVolumes": self.volumes}
+                "networkVolumes": self.volumes, "podTemplates": list(self.templates.values()),
+                "endpoints": list(self.endpoints.values())}
 
     def pod(self, info, input):
         pod = self.pods.get(input["podId"])
@@ -145,11 +148,61 @@ class StandInRunPod:
         volume_id = self._record("deleteNetworkVolume", input)["id"]
         if any(pod.get("networkVolumeId") == volume_id for pod in self.pods.values()):
             raise GraphQLRejected("the network volume is attached to a pod")
+        if any(endpoint.get("networkVolumeId") == volume_id for endpoint in self.endpoints.values()):
+            raise GraphQLRejected("the network volume is attached to an endpoint")
         before = len(self.volumes)
         self.volumes = [v for v in self.volumes if v["id"] != volume_id]
         if len(self.volumes) == before:
             raise GraphQLRejected("network volume not found")
         return True
+
+    def saveTemplate(self, info, input=None):  # noqa: N802
+        values = dict(self._record("saveTemplate", input or {}))
+        template_id = values.pop("id", None)
+        if any(t["name"] == values["name"] and t["id"] != template_id for t in self.templates.values()):
+            raise GraphQLRejected(f"a template named {values['name']} already exists")
+        if template_id is None:
+            template_id = f"tpl{len(self.templates) + 1}"
+        elif template_id not in self.templates:
+            raise GraphQLRejected(f"template {template_id} not found")
+        self.templates[template_id] = {**self.templates.get(template_id, {}), **values, "id": template_id}
+        return self.templates[template_id]
+
+    def deleteTemplate(self, info, templateName):  # noqa: N802, N803
+        self._record("deleteTemplate", {"templateName": templateName})
+        template = next((t for t in self.templates.values() if t["name"] == templateName), None)
+        if template is None:
+            raise GraphQLRejected(f"template {templateName} not found")
+        if any(e["templateId"] == template["id"] for e in self.endpoints.values()):
+            raise GraphQLRejected("the template is in use by an endpoint")
+        del self.templates[template["id"]]
+        return None
+
+    def saveEndpoint(self, info, input=None):  # noqa: N802
+        values = dict(self._record("saveEndpoint", input or {}))
+        endpoint_id = values.pop("id", None)
+        template = self.templates.get(values["templateId"])
+        if template is None or not template.get("isServerless"):
+            raise GraphQLRejected("templateId must name a serverless template")
+        if values.get("networkVolumeId") and not any(v["id"] == values["networkVolumeId"] for v in self.volumes):
+            raise GraphQLRejected("network volume not found")
+        if endpoint_id is None:
+            endpoint_id = f"ep{len(self.endpoints) + 1}"
+        elif endpoint_id not in self.endpoints:
+            raise GraphQLRejected(f"endpoint {endpoint_id} not found")
+        self.endpoints[endpoint_id] = {"type": "QB", "workersMin": 0, "workersMax": 3, "idleTimeout": 5,
+                                       **self.endpoints.get(endpoint_id, {}), **values, "id": endpoint_id}
+        return self.endpoints[endpoint_id]
+
+    def deleteEndpoint(self, info, id):  # noqa: A002
+        self._record("deleteEndpoint", {"id": id})
+        endpoint = self.endpoints.get(id)
+        if endpoint is None:
+            raise GraphQLRejected(f"endpoint {id} not found")
+        if endpoint["workersMin"] or endpoint["workersMax"]:
+            raise GraphQLRejected("an endpoint's min and max workers must both be zero before it is deleted")
+        del self.endpoints[id]
+        return None
 
     def _existing(self, pod_id: str) -> dict:
         if pod_id not in self.pods:

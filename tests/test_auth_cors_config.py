@@ -72,7 +72,7 @@ def test_settings_read_env_and_cli_flags_override(monkeypatch):
     ("env", "args", "named"),
     [
         ({"SHIZHEN_DTYPE": "int8"}, [], "dtype (SHIZHEN_DTYPE / --dtype)"),
-        ({}, ["--port", "70000"], "port (SHIZHEN_PORT / --port)"),
+        ({}, ["--port", "70000"], "port (SHIZHEN_PORT or PORT / --port)"),
         ({"SHIZHEN_MAX_MEMORY": '{"0": "lots"}'}, [], "max_memory"),
         ({"SHIZHEN_DEFAULT_MAX_TOKENS": "9000"}, [], "default_max_tokens must not exceed max_tokens_limit"),
         ({}, ["--kv-cache-tokens", "4096"], "kv_cache_tokens must hold one max_context_length sequence"),

@@ -239,8 +239,8 @@ def test_cost_table_from_settings_and_from_the_api(runpod_api, monkeypatch, caps
     assert main(["cost"]) == 0
     out = capsys.readouterr().out
     assert "$1.89/h (RunPod API)" in out and "container disk 50 GB" in out
-    # GPU 112 h x 1.89; container disk 50 GB x $0.10/GB-month for 112 of 720 h; volume 100 GB x $0.07 for half a month
-    assert re.search(r"testing, 8 h/day for two weeks\s+211\.68\s+0\.78\s+3\.50\s+215\.96", out)
+    # GPU 112 h x 1.89; container disk 50 GB x $0.10/GB-month for 112 of 720 h; volume 100 GB x $0.07 for 14 of 30 days
+    assert re.search(r"testing, 8 h/day for two weeks\s+211\.68\s+0\.78\s+3\.27\s+215\.72", out)
     assert re.search(r"24/7, one month\s+1360\.80\s+5\.00\s+7\.00\s+1372\.80", out)
     monkeypatch.delenv("RUNPOD_API_KEY")
     monkeypatch.setattr("runpod.api_key", None)

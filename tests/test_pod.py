@@ -94,11 +94,12 @@ def test_the_pod_runs_this_checkout_as_pid_1_and_drains_on_sigterm(runpod_api, d
     workspace = tmp_path / "volume"
     [wheel] = volume_contents(s3_volumes, "vol1", workspace)
     assert wheel.startswith("shizhen/releases/") and env["SHIZHEN_PACKAGE"] == f"/workspace/{wheel}"
-    venv_sharing_this_environment(workspace / "shizhen" / "venv")
+    venv_sharing_this_environment(workspace / "shizhen" / "venv-workspace")
     pod_env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), **env, "RUNPOD_POD_ID": "pod1",
                "RUNPOD_API_KEY": runpod_api.api_key, "RUNPOD_API_BASE_URL": runpod_api.url,
                "SHIZHEN_REQUIRE_GPU": "false",  # this machine has no GPU; on a pod the kit requires one
-               "SHIZHEN_HOST": "127.0.0.1", "SHIZHEN_PIP": str(workspace / "shizhen/venv/bin/python -m pip"),
+               "SHIZHEN_HOST": "127.0.0.1",
+               "SHIZHEN_PIP": str(workspace / "shizhen/venv-workspace/bin/python -m pip"),
                "PIP_NO_INDEX": "1", "SHIZHEN_LOG_JSON": "false"}
     container = subprocess.Popen(
         ["unshare", "--pid", "--fork", "--mount", "--kill-child", "bash", "-c",
@@ -131,7 +132,7 @@ def test_the_pod_runs_this_checkout_as_pid_1_and_drains_on_sigterm(runpod_api, d
     assert "signal received: asking the server to drain" in output and "the server stopped (code 0)" in output
     server_log = (workspace / "shizhen" / "logs" / "server.log").read_text()
     assert "draining" in server_log and "draining" in output  # the server's own lines, on the container's stdout
-    assert (workspace / "shizhen" / "venv" / "bin" / "shizhen").exists()  # the shipped wheel, installed
+    assert (workspace / "shizhen" / "venv-workspace" / "bin" / "shizhen").exists()  # the shipped wheel, installed
 
 
 @pytest.fixture

@@ -152,6 +152,21 @@ def test_page_shows_loading_until_the_model_is_ready(start_server, open_page, ti
         release.set()
 
 
+def test_page_says_it_is_waking_the_model_while_a_serverless_worker_starts(server, open_page):
+    """RunPod's load balancer answers 503 "no workers available" until a worker serves (a cold start)."""
+    context_page = open_page("about:blank")
+    context_page.route("**/health", lambda route: route.fulfill(
+        status=503, content_type="application/json", body='{"error": "no workers available"}'))
+    context_page.goto(server.url)
+    context_page.wait_for_function(
+        "/^Waking the model… \\([1-9]\\d* s\\)$/.test(document.getElementById('status').textContent)",
+        timeout=15000)
+    assert context_page.is_disabled("#send")
+    context_page.unroute("**/health")  # a worker serves now
+    _wait_ready(context_page)
+    assert context_page.is_enabled("#send")
+
+
 def test_screenshots_of_a_finished_consultation(start_server, open_page, tmp_path):
     server = _without_stop_tokens(start_server())
     photo = tmp_path / "tongue.png"

@@ -59,8 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     verify.set_defaults(run=store_command, parser=verify)
 
     _add_deploy(commands)
-    cost = commands.add_parser("cost", help="what the pod costs: testing, 12 h/day, 24/7", description=(
-        "GPU, container disk and volume cost of three scenarios, at RunPod's price when RUNPOD_API_KEY is set."))
+    cost = commands.add_parser("cost", help="what a pod or a serverless endpoint costs: testing, 12 h/day, 24/7",
+                               description=("GPU, container disk and volume cost of three scenarios on a pod (at "
+                                            "RunPod's price when RUNPOD_API_KEY is set), and on serverless workers "
+                                            "for a number of consultations a day."))
+    cost.add_argument("--consultations-per-day", type=int, default=100, help="for the serverless estimate")
     cost.set_defaults(run=deploy_command, action="cost", parser=cost)
     tiny = commands.add_parser("build-tiny-checkpoint", help="write a tiny random-weight Qwen2.5-VL checkpoint",
                                description="Write the offline tiny random-weight checkpoint the tests and --demo use.")
@@ -90,6 +93,9 @@ def _add_deploy(commands) -> None:
                                 help="if RunPod resumes it with zero GPUs: terminate it, create one on the same volume")
         if name == "down":
             action.add_argument("--delete-volume", action="store_true", help="also delete the volume and its model")
+        if name in ("up", "status", "stop", "down"):
+            action.add_argument("--serverless", action="store_true",
+                                help="the serverless load-balancing endpoint instead of the pod")
         if name == "logs":
             action.add_argument("--tail", type=int, default=200, help="how many past lines (at most 5000)")
             action.add_argument("--follow", action="store_true", help="keep streaming new lines")
@@ -116,7 +122,8 @@ def load_settings(given: dict) -> Settings:
 def serve(args: argparse.Namespace) -> int:
     settings = load_settings(given_settings(args, Settings))
     source = None if settings.demo else _model_source(settings.model)
-    listening = _listen(settings.host, settings.port)  # before anything heavy: a taken port fails at once
+    listening = [_listen(settings.host, port) for port in dict.fromkeys([settings.port, settings.health_port])
+                 if port]  # before anything heavy: a taken port fails at once
     from .observability.logs import configure_logging
 
     configure_logging(settings.log_level, settings.log_json)
@@ -132,7 +139,7 @@ def serve(args: argparse.Namespace) -> int:
     config = uvicorn.Config(app, log_level=settings.log_level, log_config=None, timeout_graceful_shutdown=5)
     server = DrainingServer(config, app, settings.shutdown_grace_seconds,
                             exit_on_load_failure=not settings.stay_up_on_load_failure)
-    server.run(sockets=[listening])
+    server.run(sockets=listening)
     return server.exit_code
 
 
@@ -188,8 +195,18 @@ def deploy_command(args: argparse.Namespace) -> int:
     deploy, server = DeploySettings(), load_settings({})
     try:
         if args.action == "cost":
-            return commands.cost(deploy, RunPodClient() if _has_runpod_key() else None)
+            return commands.cost(deploy, RunPodClient() if _has_runpod_key() else None, args.consultations_per_day)
         client = RunPodClient()
+        if getattr(args, "serverless", False):
+            from .deploy import serverless
+
+            if args.action == "up":
+                return serverless.up(deploy, server, client)
+            if args.action == "status":
+                return serverless.status(deploy, client)
+            if args.action == "stop":
+                return serverless.stop(deploy, client)
+            return serverless.down(deploy, client, delete_volume_too=args.delete_volume)
         if args.action == "logs":
             return commands.logs(deploy, client, tail=args.tail, follow=args.follow)
         if args.action == "up":
@@ -200,7 +217,7 @@ def deploy_command(args: argparse.Namespace) -> int:
             return commands.stop(deploy, client)
         if args.action == "start":
             return commands.start(deploy, server, client, recreate=args.recreate)
-        return commands.down(deploy, client, delete_volume=args.delete_volume)
+        return commands.down(deploy, client, delete_volume_too=args.delete_volume)
     except DeployError as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
         return 1

@@ -89,7 +89,12 @@ class Settings(BaseSettings):
 
     # --- HTTP ---------------------------------------------------------------------------------------------------
     host: str = Field("0.0.0.0", description="Address to listen on; 127.0.0.1 keeps it to this machine.")
-    port: int = Field(8000, ge=1, le=65535, description="Port to listen on (bound before the model loads).")
+    port: int = Field(
+        8000, ge=1, le=65535, validation_alias=AliasChoices("port", "SHIZHEN_PORT", "PORT"),
+        description="Port to listen on, bound before the model loads (PORT: RunPod's serverless worker contract).")
+    health_port: int | None = Field(
+        None, ge=1, le=65535, validation_alias=AliasChoices("health_port", "SHIZHEN_HEALTH_PORT", "PORT_HEALTH"),
+        description="A second port answering too, for /ping (PORT_HEALTH: what RunPod's load balancer polls).")
     cors_allowed_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["*"], description="Comma-separated origins; `*` allows any."
     )

@@ -6,7 +6,7 @@ import time
 
 import torch
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from ..engine.engine import EngineState
 from .deps import AppSettings, EngineDep
@@ -18,6 +18,17 @@ router = APIRouter()
 async def live() -> dict[str, str]:
     """Always 200 while the process runs."""
     return {"status": "alive"}
+
+
+@router.get("/ping")
+async def ping(request: Request, engine: EngineDep) -> Response:
+    """RunPod's serverless worker contract: 204 while the model loads, 200 when it serves, 503 when failed or
+    draining (the load balancer routes only to 200s, and counts a worker's cold start from 204 to 200)."""
+    if engine.state is EngineState.LOADING:
+        return Response(status_code=204)
+    if engine.state is EngineState.READY and not request.app.state.chat.draining:
+        return Response(status_code=200)
+    return Response(status_code=503)
 
 
 @router.get("/health")

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import base64
 import sys
 import time
-from importlib.resources import files
-from pathlib import Path
 
 import httpx
 
 from ..config import Settings
-from .release import Release, prepare_release
+from .release import POD_VOLUME, Release, pinned_requirements, prepare_release, start_command
 from .runpod_client import DeployedPod, DeployError, NoGpusOnResume, PodSpec, RunPodClient
 from .settings import DeploySettings
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
 PROGRESS_WIDTH = 120
 
 
@@ -25,8 +21,8 @@ def up(deploy: DeploySettings, server: Settings, client: RunPodClient) -> int:
         print("warning: the endpoint will be public and SHIZHEN_API_KEYS is empty: anyone can use your GPU",
               file=sys.stderr)
     volume_id, data_center = client.ensure_volume(deploy.volume_name, deploy.volume_gb, deploy.data_center)
-    release = prepare_release(deploy, REPO_ROOT, volume_id, data_center)
-    print(f"shipping commit {release.commit[:12]} ({release.pip_requirement})")
+    release = prepare_release(deploy, volume_id, data_center)
+    print(f"shipping commit {release.commit[:12]} ({release.requirement(POD_VOLUME)})")
     spec = pod_spec(deploy, server, release, volume_id, data_center)
     existing = client.find_pod(deploy.pod_name)
     if existing:
@@ -35,7 +31,7 @@ def up(deploy: DeploySettings, server: Settings, client: RunPodClient) -> int:
         pod_id = client.create_pod(spec)
         print(f"created pod {pod_id} ({deploy.gpu_type}) on volume {deploy.volume_name} in {data_center}")
     url = wait_until_healthy(deploy, client, pod_id)
-    print_usage(url, server)
+    print_usage(url, server.model_name, "SHIZHEN_API_KEYS" if server.api_keys else None)
     return 0
 
 
@@ -78,7 +74,6 @@ def spec_changes(pod: DeployedPod, spec: PodSpec) -> list[str]:
 
 def pod_spec(deploy: DeploySettings, server: Settings, release: Release, volume_id: str,
              data_center: str) -> PodSpec:
-    script = (files("shizhen.deploy") / "start_pod.sh").read_bytes()
     idle = deploy.idle_stop_seconds if server.idle_stop_seconds is None else server.idle_stop_seconds
     uptime = deploy.max_uptime_hours if server.max_uptime_hours is None else server.max_uptime_hours
     env = {
@@ -91,8 +86,8 @@ def pod_spec(deploy: DeploySettings, server: Settings, release: Release, volume_
         "SHIZHEN_MAX_MEMORY": "0=75GiB" if "80GB" in deploy.gpu_type else "",
         "SHIZHEN_REQUIRE_GPU": "true",
         "SHIZHEN_STAY_UP_ON_LOAD_FAILURE": "true",  # `up` and `status` show the reason; the idle stop ends the bill
-        "SHIZHEN_PACKAGE": release.pip_requirement,
-        "SHIZHEN_REQUIREMENTS_B64": base64.b64encode((REPO_ROOT / "requirements.txt").read_bytes()).decode(),
+        "SHIZHEN_PACKAGE": release.requirement(POD_VOLUME),
+        "SHIZHEN_REQUIREMENTS_B64": pinned_requirements(),
         "SHIZHEN_MAX_RESTARTS": str(deploy.max_restarts),
         "SHIZHEN_IDLE_STOP_SECONDS": f"{idle:g}" if idle else "",
         "SHIZHEN_MAX_UPTIME_HOURS": f"{uptime:g}" if uptime else "",
@@ -102,8 +97,7 @@ def pod_spec(deploy: DeploySettings, server: Settings, release: Release, volume_
         name=deploy.pod_name, image=deploy.image, gpu_type=deploy.gpu_type, gpu_count=deploy.gpu_count,
         cloud_type=deploy.cloud_type, container_disk_gb=deploy.container_disk_gb, volume_id=volume_id,
         data_center=data_center, port=deploy.port, env={k: v for k, v in env.items() if v},
-        docker_args=f"bash -c 'echo {base64.b64encode(script).decode()} | base64 -d > /tmp/start_pod.sh && "
-                    "exec bash /tmp/start_pod.sh'",
+        docker_args=start_command(),
         cuda_versions=deploy.cuda_versions,
     )
 
@@ -139,19 +133,20 @@ def wait_until_healthy(deploy: DeploySettings, client: RunPodClient, pod_id: str
                       f"last /health answer: {last}. The pod is still running (and billed).")
 
 
-def print_usage(url: str, server: Settings) -> None:
-    """Examples that work pasted into the shell `deploy up` ran in: they read the first of SHIZHEN_API_KEYS."""
+def print_usage(url: str, model_name: str, key_variable: str | None) -> None:
+    """Examples that work pasted into the shell `deploy` ran in: they read the key from `key_variable` (the first
+    of a comma-separated list), as that shell has it."""
     curl_key, python_key = "unused", '"unused"'
-    if server.api_keys:
-        curl_key, python_key = "${SHIZHEN_API_KEYS%%,*}", 'os.environ["SHIZHEN_API_KEYS"].split(",")[0]'
+    if key_variable:
+        curl_key, python_key = f"${{{key_variable}%%,*}}", f'os.environ["{key_variable}"].split(",")[0]'
     print(f"""
 endpoint: {url}/v1   (consultation page: {url}/)
 
 curl {url}/v1/chat/completions -H 'Content-Type: application/json' -H "Authorization: Bearer {curl_key}" \\
-  -d '{{"model": "{server.model_name}", "messages": [{{"role": "user", "content": "舌红苔黄腻，是什么证型？"}}]}}'
+  -d '{{"model": "{model_name}", "messages": [{{"role": "user", "content": "舌红苔黄腻，是什么证型？"}}]}}'
 
 python3 -c 'import os, openai; c = openai.OpenAI(base_url="{url}/v1", api_key={python_key}); \\
-print(c.chat.completions.create(model="{server.model_name}", messages=[{{"role": "user", "content": "你好"}}]).choices[0].message.content)'
+print(c.chat.completions.create(model="{model_name}", messages=[{{"role": "user", "content": "你好"}}]).choices[0].message.content)'
 """)
 
 
@@ -192,24 +187,28 @@ def start(deploy: DeploySettings, server: Settings, client: RunPodClient, recrea
             return 2
         client.terminate_pod(pod["id"])
         return up(deploy, server, client)
-    wait_until_healthy(deploy, client, pod["id"])
-    print_usage(deploy.proxy_url.format(pod_id=pod["id"], port=deploy.port), server)
+    url = wait_until_healthy(deploy, client, pod["id"])
+    print_usage(url, server.model_name, "SHIZHEN_API_KEYS" if server.api_keys else None)
     return 0
 
 
-def down(deploy: DeploySettings, client: RunPodClient, delete_volume: bool) -> int:
-    """Terminate the pod if there is one; with `delete_volume`, also the volume (with or without a pod)."""
+def down(deploy: DeploySettings, client: RunPodClient, delete_volume_too: bool) -> int:
+    """Terminate the pod if there is one; with `delete_volume_too`, also the volume (with or without a pod)."""
     pod = client.find_pod(deploy.pod_name)
     if pod is not None:
         client.terminate_pod(pod["id"])
         print(f"terminated pod {pod['id']}")
-    elif not delete_volume:
+    elif not delete_volume_too:
         raise DeployError(f"no pod named {deploy.pod_name!r}")
     else:
         print(f"no pod named {deploy.pod_name!r}")
-    if not delete_volume:
+    if not delete_volume_too:
         print(f"volume {deploy.volume_name} kept: the next `deploy up` starts from the cached model")
         return 0
+    return delete_volume(deploy, client)
+
+
+def delete_volume(deploy: DeploySettings, client: RunPodClient) -> int:
     volume = client.find_volume(deploy.volume_name)
     if volume is None:
         print(f"no volume named {deploy.volume_name!r}")
@@ -238,28 +237,52 @@ def _existing(deploy: DeploySettings, client: RunPodClient) -> dict:
 
 
 HOURS_PER_MONTH = 24 * 30
+SCENARIOS = [("testing, 8 h/day for two weeks", 8, 14), ("12 h/day, one month", 12, 30), ("24/7, one month", 24, 30)]
 
 
 def cost_table(gpu_price: float, deploy: DeploySettings) -> list[tuple[str, float, float, float]]:
-    """The seed design's scenarios: (name, GPU, container disk, volume) in dollars. The container disk is billed
-    only while the pod runs; the network volume all month, running or not."""
-    scenarios = [("testing, 8 h/day for two weeks", 8 * 14, 0.5), ("12 h/day, one month", 12 * 30, 1.0),
-                 ("24/7, one month", 24 * 30, 1.0)]
+    """The seed design's scenarios on a pod: (name, GPU, container disk, volume) in dollars. The container disk is
+    billed only while the pod runs; the network volume all month, running or not."""
     disk_per_hour = deploy.container_disk_price_per_gb_month * deploy.container_disk_gb / HOURS_PER_MONTH
-    volume_per_month = deploy.storage_price_per_gb_month * deploy.volume_gb
-    return [(name, hours * gpu_price, hours * disk_per_hour, months * volume_per_month)
-            for name, hours, months in scenarios]
+    volume_per_day = deploy.storage_price_per_gb_month * deploy.volume_gb / 30
+    return [(name, hours * days * gpu_price, hours * days * disk_per_hour, days * volume_per_day)
+            for name, hours, days in SCENARIOS]
 
 
-def cost(deploy: DeploySettings, client: RunPodClient | None) -> int:
+def serverless_worker_hours(deploy: DeploySettings, open_hours: float, consultations: int) -> float:
+    """Worker hours a day for `consultations` spread evenly over `open_hours`: when they are further apart than the
+    idle timeout, each wakes a worker (cold start + answer + idle timeout); closer, one worker stays up all along."""
+    if consultations == 0:
+        return 0.0
+    apart = open_hours * 3600 / consultations
+    if apart > deploy.idle_timeout_seconds + deploy.cold_start_seconds:
+        per_wake = deploy.cold_start_seconds + deploy.answer_seconds + deploy.idle_timeout_seconds
+        return consultations * per_wake / 3600
+    return (open_hours * 3600 + deploy.cold_start_seconds + deploy.idle_timeout_seconds) / 3600
+
+
+def cost(deploy: DeploySettings, client: RunPodClient | None, consultations: int) -> int:
     price, source = deploy.gpu_price_per_hour, "settings"
     if client is not None:
         if (api_price := client.gpu_price(deploy.gpu_type)) is not None:
             price, source = api_price, "RunPod API"
-    print(f"{deploy.gpu_type}: ${price:.2f}/h ({source}); container disk {deploy.container_disk_gb} GB at "
+    print(f"pod: {deploy.gpu_type}: ${price:.2f}/h ({source}); container disk {deploy.container_disk_gb} GB at "
           f"${deploy.container_disk_price_per_gb_month:.2f}/GB-month while running; volume {deploy.volume_gb} GB "
           f"at ${deploy.storage_price_per_gb_month:.2f}/GB-month")
     print(f"{'scenario':36} {'GPU':>10} {'disk':>7} {'volume':>8} {'total':>10}")
+    pod_totals = []
     for name, gpu, disk, volume in cost_table(price, deploy):
+        pod_totals.append(gpu + disk + volume)
         print(f"{name:36} {gpu:>10.2f} {disk:>7.2f} {volume:>8.2f} {gpu + disk + volume:>10.2f}")
+    per_hour = deploy.serverless_price_per_second * 3600
+    print(f"\nserverless, {consultations} consultations a day over the same hours: ${per_hour:.2f}/worker-hour "
+          f"(settings: SHIZHEN_DEPLOY_SERVERLESS_PRICE_PER_SECOND), each cold start {deploy.cold_start_seconds:g} s, "
+          f"{deploy.answer_seconds:g} s an answer, idle stop {deploy.idle_timeout_seconds} s; the same volume")
+    print(f"{'scenario':36} {'worker h':>10} {'workers':>8} {'volume':>8} {'total':>10} {'pod':>10}")
+    volume_per_day = deploy.storage_price_per_gb_month * deploy.volume_gb / 30
+    for (name, hours, days), pod_total in zip(SCENARIOS, pod_totals, strict=True):
+        worker_hours = serverless_worker_hours(deploy, hours, consultations) * days
+        total = worker_hours * per_hour + days * volume_per_day
+        print(f"{name:36} {worker_hours:>10.1f} {worker_hours * per_hour:>8.2f} {days * volume_per_day:>8.2f} "
+              f"{total:>10.2f} {pod_total:>10.2f}")
     return 0

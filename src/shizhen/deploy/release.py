@@ -8,39 +8,61 @@ Either way a tree with uncommitted changes is refused: what runs must be a commi
 
 from __future__ import annotations
 
+import base64
 import subprocess
 import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 
 from .runpod_client import DeployError
 from .settings import DeploySettings
 
-POD_VOLUME = "/workspace"
+REPO_ROOT = Path(__file__).resolve().parents[3]  # the checkout `deploy` runs from
+POD_VOLUME = "/workspace"  # where a pod mounts the network volume
+WORKER_VOLUME = "/runpod-volume"  # where a serverless worker mounts it
 RELEASES = "shizhen/releases"  # on the volume
 
 
 @dataclass(frozen=True)
 class Release:
     commit: str
-    pip_requirement: str  # what the pod's pip installs: a wheel on the volume or git+URL@commit
+    wheel_key: str | None = None  # the wheel route: its path on the volume (s3://VOLUME_ID/wheel_key)
+    git_url: str | None = None  # the git route
+
+    def requirement(self, mount: str) -> str:
+        """What pip installs on a machine that mounts the volume at `mount`."""
+        return f"{mount}/{self.wheel_key}" if self.wheel_key else f"git+{self.git_url}@{self.commit}"
 
 
-def prepare_release(deploy: DeploySettings, repo_root: Path, volume_id: str, data_center: str) -> Release:
+def prepare_release(deploy: DeploySettings, volume_id: str, data_center: str) -> Release:
     """Check the checkout, then build and upload its wheel (or check the commit is pushed)."""
+    repo_root = REPO_ROOT
     commit = checkout_commit(repo_root)
     if deploy.git_url:
         if not _git(repo_root, "branch", "--remotes", "--contains", commit):
             raise DeployError(f"commit {commit[:12]} is on no remote branch: push it first, since the pod installs "
                               f"{deploy.git_url} at that commit")
-        return Release(commit, f"git+{deploy.git_url}@{commit}")
+        return Release(commit, git_url=deploy.git_url)
     with tempfile.TemporaryDirectory(prefix="shizhen-release-") as scratch:
         wheel = build_wheel(repo_root, commit, Path(scratch))
         key = f"{RELEASES}/{commit}/{wheel.name}"
         upload_to_volume(deploy, volume_id, data_center, wheel, key)
-    return Release(commit, f"{POD_VOLUME}/{key}")
+    return Release(commit, wheel_key=key)
+
+
+def pinned_requirements() -> str:
+    """requirements.txt of the checkout, base64 for the pod's env (start_pod.sh installs it first)."""
+    return base64.b64encode((REPO_ROOT / "requirements.txt").read_bytes()).decode()
+
+
+def start_command() -> str:
+    """The container's command (RunPod's dockerArgs) for pods and workers alike: start_pod.sh, carried inline, so
+    that it exists before anything is installed; it becomes the container's PID 1."""
+    script = base64.b64encode((files("shizhen.deploy") / "start_pod.sh").read_bytes()).decode()
+    return f"bash -c 'echo {script} | base64 -d > /tmp/start_pod.sh && exec bash /tmp/start_pod.sh'"
 
 
 def checkout_commit(repo_root: Path) -> str:

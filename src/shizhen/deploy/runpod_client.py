@@ -68,6 +68,25 @@ class DeployedPod:
                    pod.get("dockerArgs") or "", pod.get("networkVolumeId"))
 
 
+@dataclass(frozen=True)
+class WorkerSpec:
+    """A serverless load-balancing endpoint and the template its workers run."""
+    template_name: str
+    image: str
+    container_disk_gb: int
+    port: int
+    env: dict[str, str]
+    docker_args: str
+    endpoint_name: str
+    gpu_ids: list[str]  # pools in order of preference
+    workers_min: int
+    workers_max: int
+    idle_timeout_seconds: int
+    requests_per_worker: int
+    volume_id: str
+    cuda_versions: list[str]
+
+
 class RunPodClient:
     def __init__(self, api_key: str | None = None):
         self._api_key = api_key or os.environ.get("RUNPOD_API_KEY") or runpod.api_key
@@ -165,6 +184,59 @@ class RunPodClient:
 
     def terminate_volume(self, volume_id: str) -> None:
         self._graphql(f"mutation {{ deleteNetworkVolume(input: {{id: {json.dumps(volume_id)}}}) }}")
+
+    # --- serverless -------------------------------------------------------------------------------------------------
+    def find_template(self, name: str) -> dict | None:
+        templates = self._graphql("query { myself { podTemplates { id name isServerless } } }")
+        return next((t for t in templates["myself"]["podTemplates"] or [] if t["name"] == name), None)
+
+    def save_template(self, spec: WorkerSpec, template_id: str | None) -> str:
+        """Create the workers' template, or update it in place (`id`): new workers start with the new one."""
+        env = ", ".join(f"{{key: {json.dumps(k)}, value: {json.dumps(v)}}}" for k, v in spec.env.items())
+        identity = f"id: {json.dumps(template_id)}, " if template_id else ""
+        saved = self._graphql(
+            f"mutation {{ saveTemplate(input: {{{identity}name: {json.dumps(spec.template_name)}, "
+            f"imageName: {json.dumps(spec.image)}, dockerArgs: {json.dumps(spec.docker_args)}, "
+            f"containerDiskInGb: {spec.container_disk_gb}, volumeInGb: 0, ports: \"{spec.port}/http\", "
+            f"env: [{env}], isServerless: true, readme: \"\"}}) {{ id name }} }}")
+        return saved["saveTemplate"]["id"]
+
+    def find_endpoint(self, name: str) -> dict | None:
+        endpoints = self._graphql("query { myself { endpoints { id name templateId gpuIds type workersMin workersMax "
+                                  "idleTimeout scalerType scalerValue networkVolumeId } } }")
+        return next((e for e in endpoints["myself"]["endpoints"] or [] if e["name"] == name), None)
+
+    def save_endpoint(self, spec: WorkerSpec, template_id: str, endpoint_id: str | None) -> dict:
+        """Create the load-balancing endpoint, or update it in place (`id`)."""
+        identity = f"id: {json.dumps(endpoint_id)}, " if endpoint_id else ""
+        saved = self._graphql(
+            f"mutation {{ saveEndpoint(input: {{{identity}name: {json.dumps(spec.endpoint_name)}, "
+            f"templateId: {json.dumps(template_id)}, gpuIds: {json.dumps(','.join(spec.gpu_ids))}, type: \"LB\", "
+            f"workersMin: {spec.workers_min}, workersMax: {spec.workers_max}, idleTimeout: "
+            f"{spec.idle_timeout_seconds}, scalerType: \"REQUEST_COUNT\", scalerValue: {spec.requests_per_worker}, "
+            f"networkVolumeId: {json.dumps(spec.volume_id)}, allowedCudaVersions: "
+            f"{json.dumps(','.join(spec.cuda_versions))}, flashBootType: FLASHBOOT}}) "
+            f"{{ id name workersMin workersMax }} }}")
+        return saved["saveEndpoint"]
+
+    def scale_endpoint(self, endpoint: dict, workers_max: int) -> None:
+        """Change an existing endpoint's worker bounds only (0 and 0: no worker runs, nothing is billed but disk)."""
+        self._graphql(
+            f"mutation {{ saveEndpoint(input: {{id: {json.dumps(endpoint['id'])}, "
+            f"name: {json.dumps(endpoint['name'])}, "
+            f"templateId: {json.dumps(endpoint['templateId'])}, gpuIds: {json.dumps(endpoint['gpuIds'])}, "
+            f"workersMin: {min(endpoint['workersMin'] or 0, workers_max)}, workersMax: {workers_max}}}) {{ id }} }}")
+
+    def delete_endpoint(self, endpoint_id: str) -> None:
+        self._graphql(f"mutation {{ deleteEndpoint(id: {json.dumps(endpoint_id)}) }}")
+
+    def delete_template(self, name: str) -> None:
+        self._graphql(f"mutation {{ deleteTemplate(templateName: {json.dumps(name)}) }}")
+
+    @property
+    def api_key(self) -> str:
+        """For the endpoint's URL, which takes the RunPod key as its bearer token."""
+        return self._api_key
 
     def log_lines(self, pod_id: str, tail: int, follow: bool, idle_seconds: float = 3.0) -> Iterator[str]:
         """The pod's container log through RunPod's v2 REST API (Server-Sent Events). The stream never ends by

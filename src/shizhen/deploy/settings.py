@@ -14,7 +14,8 @@ from ..config import split_csv
 POD_CUDA_VERSIONS = ["13.0"]
 # what `deploy up` and start_pod.sh pass to each other in the pod's env (not server settings)
 POD_VARIABLES = frozenset({"SHIZHEN_PACKAGE", "SHIZHEN_REQUIREMENTS_B64", "SHIZHEN_MAX_RESTARTS", "SHIZHEN_PIP",
-                           "SHIZHEN_SERVE_CMD", "SHIZHEN_RESTART_DELAY", "SHIZHEN_STOP_WAIT_SECONDS"})
+                           "SHIZHEN_SERVE_CMD", "SHIZHEN_RESTART_DELAY", "SHIZHEN_STOP_WAIT_SECONDS",
+                           "SHIZHEN_STOP_POD_ON_FAILURE"})
 
 
 class DeploySettings(BaseSettings):
@@ -46,6 +47,23 @@ class DeploySettings(BaseSettings):
     idle_stop_seconds: float = Field(3600, ge=0, description="Default idle auto-stop of a deployed pod; 0: off.")
     max_uptime_hours: float = Field(12, ge=0, description="Default uptime cap of a deployed pod; 0: off.")
     max_restarts: int = Field(5, ge=1, description="Crashes in a row after which the pod stops itself.")
+    # --- serverless (`deploy up --serverless`): a load-balancing endpoint that scales to zero, on the same volume
+    endpoint_name: str = Field("shizhen", description="The serverless endpoint; its template is NAME-worker.")
+    serverless_gpu_ids: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["AMPERE_80", "ADA_80_PRO"],
+        description="GPU pools in order of preference: A100 80GB first, then the other 80 GB types.")
+    workers_min: int = Field(0, ge=0, description="Workers kept running; 0 scales to zero when nobody asks.")
+    workers_max: int = Field(2, ge=1, description="Workers at most, under load.")
+    idle_timeout_seconds: int = Field(
+        600, ge=5, description="A worker with no request for this long stops (a cold start loads 67 GB again).")
+    requests_per_worker: int = Field(
+        32, ge=1, description="Concurrent requests per worker before RunPod starts another (REQUEST_COUNT scaler).")
+    serverless_url: str = Field("https://{endpoint_id}.api.runpod.ai", description="The endpoint's public address.")
+    serverless_price_per_second: float = Field(
+        0.00076, ge=0, description="$/s of one 80 GB flex worker (RunPod's price list; set yours) for `cost`.")
+    cold_start_seconds: float = Field(
+        240, gt=0, description="Worker start to first answer, 32B from the volume (for `cost`; measure yours).")
+    answer_seconds: float = Field(30, gt=0, description="Worker time of one consultation's answer (for `cost`).")
     proxy_url: str = Field("https://{pod_id}-{port}.proxy.runpod.net", description="The pod's public address.")
     ready_timeout_seconds: float = Field(2400, gt=0, description="First start downloads 67 GB.")
     poll_seconds: float = Field(10, gt=0, description="How often `up` asks /health.")
@@ -54,7 +72,7 @@ class DeploySettings(BaseSettings):
     storage_price_per_gb_month: float = Field(0.07, ge=0, description="Network volume, running or not.")
     container_disk_price_per_gb_month: float = Field(0.10, ge=0, description="Container disk, only while running.")
 
-    @field_validator("cuda_versions", mode="before")
+    @field_validator("cuda_versions", "serverless_gpu_ids", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         return split_csv(value)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The pod's entry point, run by RunPod as the container's PID 1 (dockerArgs replaces the image's start command).
+# The entry point of a pod and of a serverless worker, run by RunPod as the container's PID 1 (dockerArgs replaces
+# the image's start command). The volume is at WORKSPACE: /workspace on a pod, /runpod-volume on a worker.
 # - Installs the pinned requirements and the release `deploy up` shipped (SHIZHEN_PACKAGE: a wheel on the volume
 #   or git+URL@commit) into a venv on the volume, once per release.
 # - Starts sshd when RunPod passes a PUBLIC_KEY, as the image's own /start.sh would have.
@@ -7,11 +8,12 @@
 # - Forwards SIGTERM/SIGINT to the server, which drains; exits 0 once it has. (A PID 1 that traps nothing never
 #   sees SIGTERM: the kernel drops signals PID 1 has no handler for.)
 # - Restarts a crashed server with backoff; after SHIZHEN_MAX_RESTARTS crashes in a row (or a failed install) it
-#   stops this pod through RunPod's API instead of billing for a crash loop.
+#   stops this pod through RunPod's API instead of billing for a crash loop (a serverless worker, with
+#   SHIZHEN_STOP_POD_ON_FAILURE=0, exits instead: RunPod replaces it and scales to zero).
 set -u
 WORKSPACE=${WORKSPACE:-/workspace}
 APP="$WORKSPACE/shizhen"
-VENV="$APP/venv"
+VENV="$APP/venv$(echo "$WORKSPACE" | tr / -)"  # per mount point: a venv's scripts hold its absolute path
 LOGS="$APP/logs"
 mkdir -p "$LOGS" "$WORKSPACE/models"
 export HF_HOME="${HF_HOME:-$WORKSPACE/models}"
@@ -42,6 +44,10 @@ run_and_wait() {
 }
 
 stop_this_pod() {  # RunPod then sends SIGTERM; needs only python3's standard library (the venv may not exist)
+  if [ "${SHIZHEN_STOP_POD_ON_FAILURE:-1}" = 0 ]; then
+    log "giving up ($1); exiting"
+    exit 1
+  fi
   log "stopping this pod ($1)"
   RUNPOD_POD_ID=${RUNPOD_POD_ID:-} python3 - <<'EOF' 2>&1 | tee -a "$LOGS/supervisor.log"
 import json, os, urllib.request

@@ -45,7 +45,7 @@ current_request: contextvars.ContextVar[RequestRecord | None] = contextvars.Cont
 class RequestObserver:
     """Assigns or accepts `X-Request-ID`, echoes it, counts responses by status, and logs one line at the end."""
 
-    QUIET_PATHS = frozenset({"/health", "/live", "/metrics"})  # probes: counted, not logged
+    QUIET_PATHS = frozenset({"/health", "/live", "/ping", "/metrics"})  # probes: counted, not logged
 
     def __init__(self, app: ASGIApp, metrics: ServerMetrics):
         self.app = app
