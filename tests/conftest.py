@@ -127,6 +127,19 @@ def serve_cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.
     )
 
 
+def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    """Until the server in `process` answers /health with 200 (it must not exit meanwhile)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert process.poll() is None and time.monotonic() < deadline, "the server did not become healthy"
+        time.sleep(0.1)
+
+
 def image_data_url(image: Image.Image, fmt: str = "PNG") -> str:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt)

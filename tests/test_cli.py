@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_port, serve_cli, tongue_photo
+from conftest import free_port, serve_cli, tongue_photo, wait_healthy
 
 from shizhen.cli import load_settings
 
@@ -131,15 +131,7 @@ def test_the_readme_examples_work_against_serve_demo_as_written(tmp_path):
     process = serve_cli(["--demo", "--host", "127.0.0.1", "--port", str(port)], {"SHIZHEN_CACHE_DIR": str(tmp_path)})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.2)
+        wait_healthy(url, process)
         curl = _readme_block("bash", "curl http://localhost:8000/v1/chat/completions")
         answered = subprocess.run(["bash", "-c", curl.replace("http://localhost:8000", url)], capture_output=True,
                                   text=True, timeout=60)

@@ -10,7 +10,7 @@ import time
 
 import httpx
 import pytest
-from conftest import free_port, image_data_url, serve_cli, tongue_photo
+from conftest import free_port, image_data_url, serve_cli, tongue_photo, wait_healthy
 
 from shizhen.engine.detokenizer import IncrementalDetokenizer
 from shizhen.engine.model_runner import ModelRunner
@@ -187,15 +187,7 @@ def test_streams_still_running_when_the_grace_period_ends_get_an_error_chunk_and
                          "--shutdown-grace-seconds", "0"], {"SHIZHEN_LOG_JSON": "true"})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.1)
+        wait_healthy(url, process)
         lines = []
         with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60, headers={"X-Request-ID": "cut-1"},
                           json={"messages": [USER], "max_tokens": 4000, "ignore_eos": True,

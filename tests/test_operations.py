@@ -14,7 +14,7 @@ import time
 
 import httpx
 import pytest
-from conftest import free_port, image_data_url, serve_cli, tongue_photo
+from conftest import free_port, image_data_url, serve_cli, tongue_photo, wait_healthy
 from prometheus_client.parser import text_string_to_metric_families
 
 USER = {"role": "user", "content": "舌"}
@@ -136,19 +136,6 @@ def test_request_timeout_ends_the_generation_and_says_so(start_server):
 
 
 # --- real processes: a shared Redis, JSON logs, SIGTERM ----------------------------------------------------------
-def _wait_healthy(port: int, process: subprocess.Popen, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, process.stdout.read()
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError("server did not become healthy")
-
-
 @pytest.fixture
 def redis_url():
     binary = shutil.which("redis-server")
@@ -176,7 +163,7 @@ def test_rate_limit_is_shared_through_redis_by_two_processes(tiny_checkpoint, re
                             "--rate-limit", "4/minute", "--rate-limit-storage-url", redis_url]) for port in ports]
     try:
         for port, process in zip(ports, processes):
-            _wait_healthy(port, process)
+            wait_healthy(f"http://127.0.0.1:{port}", process)
         statuses = [httpx.get(f"http://127.0.0.1:{ports[i % 2]}/v1/models").status_code for i in range(6)]
         assert statuses == [200, 200, 200, 200, 429, 429]
     finally:
@@ -194,7 +181,7 @@ def test_sigterm_lets_the_stream_finish_then_exits_cleanly(tiny_checkpoint):
                         {"SHIZHEN_LOG_JSON": "true"})
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(port, process)
+        wait_healthy(f"http://127.0.0.1:{port}", process)
         assert httpx.get(f"{url}/v1/models", headers={"X-Request-ID": "probe-1"}).status_code == 200
         received = []
         with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60, headers={"X-Request-ID": "long-1"},

@@ -197,27 +197,20 @@ def deploy_command(args: argparse.Namespace) -> int:
         if args.action == "cost":
             return commands.cost(deploy, RunPodClient() if _has_runpod_key() else None, args.consultations_per_day)
         client = RunPodClient()
-        if getattr(args, "serverless", False):
-            from .deploy import serverless
-
-            if args.action == "up":
-                return serverless.up(deploy, server, client)
-            if args.action == "status":
-                return serverless.status(deploy, client)
-            if args.action == "stop":
-                return serverless.stop(deploy, client)
-            return serverless.down(deploy, client, delete_volume_too=args.delete_volume)
         if args.action == "logs":
             return commands.logs(deploy, client, tail=args.tail, follow=args.follow)
-        if args.action == "up":
-            return commands.up(deploy, server, client)
-        if args.action == "status":
-            return commands.status(deploy, client)
-        if args.action == "stop":
-            return commands.stop(deploy, client)
         if args.action == "start":
             return commands.start(deploy, server, client, recreate=args.recreate)
-        return commands.down(deploy, client, delete_volume_too=args.delete_volume)
+        target = commands  # the pod; the endpoint's module has the same up/status/stop/down
+        if args.serverless:
+            from .deploy import serverless as target
+        if args.action == "up":
+            return target.up(deploy, server, client)
+        if args.action == "status":
+            return target.status(deploy, client)
+        if args.action == "stop":
+            return target.stop(deploy, client)
+        return target.down(deploy, client, delete_volume_too=args.delete_volume)
     except DeployError as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
         return 1
