@@ -119,7 +119,7 @@ class ChatService:
             record.model = self._settings.model_name
         self._preparing += 1
         try:
-            self._refuse_what_cannot_fit(body.messages)
+            self._check_sizes(body.messages)
             turns = await self._turns(body.messages, image_param, text_param)
             prompt = await self._build_prompt(turns)
             request = GenerationRequest(completion_id(), prompt, self._sampling(body, prompt), arrived=arrived)
@@ -129,14 +129,17 @@ class ChatService:
         weakref.finalize(request, self._unsubmitted.discard, request.request_id)
         return request
 
-    def _refuse_what_cannot_fit(self, messages: list[ChatMessage]) -> None:
-        """Refuse, from sizes alone, a conversation whose prompt cannot fit the context: every message is at least
-        one token, text at least one token per `max_token_bytes` bytes, an image at least its smallest size's
-        tokens. Tokenizing 50,000 messages only to refuse them would hold a worker for seconds."""
+    def _check_sizes(self, messages: list[ChatMessage]) -> None:
+        """Refuse, from sizes alone, too many images and a conversation whose prompt cannot fit the context: every
+        message is at least one token, text at least one token per `max_token_bytes` bytes, an image at least its
+        smallest size's tokens. Tokenizing 50,000 messages only to refuse them would hold a worker for seconds."""
         builder = self._engine.prompt_builder
         texts = [m.content if isinstance(m.content, str) else "".join(getattr(p, "text", "") for p in m.content)
                  for m in messages if m.content]
         images = sum(isinstance(p, ImagePart) for m in messages if isinstance(m.content, list) for p in m.content)
+        if images > self._settings.max_images_per_request:
+            raise InvalidRequest(f"{images} images sent; at most {self._settings.max_images_per_request} per request",
+                                 param="messages", code="too_many_images")
         text_bytes = sum(len(text.encode("utf-8", "surrogatepass")) for text in texts)
         least = len(messages) + text_bytes // builder.max_token_bytes + images * builder.min_image_tokens
         if least >= self._settings.max_context_length:
@@ -154,15 +157,6 @@ class ChatService:
 
     async def _turns(self, messages: list[ChatMessage], image_param: str | None,
                      text_param: str | None) -> list[ChatTurn]:
-        image_count = sum(
-            isinstance(part, ImagePart) for m in messages if isinstance(m.content, list) for part in m.content
-        )
-        if image_count > self._settings.max_images_per_request:
-            raise InvalidRequest(
-                f"{image_count} images sent; at most {self._settings.max_images_per_request} per request",
-                param="messages",
-                code="too_many_images",
-            )
         return [await self._turn(i, message, image_param, text_param) for i, message in enumerate(messages)]
 
     async def _turn(self, index: int, message: ChatMessage, image_param: str | None,
