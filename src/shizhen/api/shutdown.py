@@ -32,6 +32,7 @@ class DrainingServer(uvicorn.Server):
         self._grace_seconds = grace_seconds
         self._draining = False
         self._exit_on_load_failure = exit_on_load_failure
+        self._watching: asyncio.Task | None = None  # held, so the task is not garbage-collected
         self.exit_code = 0
 
     async def startup(self, sockets=None) -> None:
