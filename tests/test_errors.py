@@ -36,6 +36,12 @@ def _assert_error(response, status: int, *, param: str | None = None, contains: 
         ({"messages": [USER], "presence_penalty": 3}, "presence_penalty", "2"),
         ({"messages": [USER], "n": 2}, "n", "only n=1"),
         ({"messages": [USER], "logprobs": True}, "logprobs", "not supported"),
+        ({"messages": [USER], "top_logprobs": 3}, "top_logprobs", "not supported"),
+        ({"messages": [USER], "stream_options": {"include_usage": True}}, "stream_options", "only allowed when stream"),
+        ({"messages": [USER], "response_format": {"type": "json_object"}}, "response_format", "not supported"),
+        ({"messages": [USER], "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
+        ({"messages": [USER], "tool_choice": "required"}, "tool_choice", "not supported"),
+        ({"messages": [USER], "logit_bias": {"1": 5}}, "logit_bias", "not supported"),
         ({"messages": [USER], "stop": [""]}, "stop", "empty"),
         ({"messages": [USER], "max_tokens": 99999}, "max_tokens", "at most 4000"),
         ({"messages": [{"role": "user", "content": "舌" * 300}], "max_tokens": 4000}, "max_tokens", "context"),
@@ -118,3 +124,16 @@ def test_engine_failure_is_500_and_the_server_keeps_serving(server):
             lines = [line for line in response.iter_lines() if line.startswith("data: ")]
         assert '"error"' in lines[-2] and lines[-1] == "data: [DONE]"
         assert http.post("/v1/chat/completions", json={"messages": [USER], "max_tokens": 4}).status_code == 200
+
+
+def test_null_means_omitted_and_unknown_fields_are_logged(server, caplog):
+    """OpenAI marks these fields nullable; clients (and vLLM's tests) send explicit nulls."""
+    nulls = {name: None for name in ("n", "stream", "presence_penalty", "frequency_penalty", "stop", "seed",
+                                      "temperature", "top_p", "max_tokens", "stream_options", "response_format",
+                                      "tools", "tool_choice", "logit_bias", "top_logprobs", "logprobs")}
+    with server.client() as http:
+        response = http.post("/v1/chat/completions", json={"messages": [USER], **nulls, "max_completion_tokens": 2,
+                                                           "response_format": {"type": "text"},
+                                                           "metadata_we_do_not_know": {"a": 1}})
+    assert response.status_code == 200, response.text
+    assert "ignored: metadata_we_do_not_know" in caplog.text

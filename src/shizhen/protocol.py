@@ -1,15 +1,21 @@
 """OpenAI request, response, stream-chunk and error shapes — nothing else.
 
-Requests allow unknown fields (clients send many we do not use) and ignore them; what we cannot honour is refused.
+Requests allow unknown fields (clients send many we do not use): each is logged once, then ignored. What we cannot
+honour is refused with a 400 naming the field, never silently dropped. `null` means "omitted", as OpenAI's nullable
+fields do.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer, model_validator
+
+log = logging.getLogger(__name__)
+_logged_ignored: set[str] = set()  # unknown request fields already logged (each once per process)
 
 
 INT32_MAX = 2**31 - 1
@@ -67,6 +73,70 @@ class ChatCompletionRequest(_Lenient):
     user: str | None = None
     ignore_eos: bool = False  # vLLM's extension, for benchmarks
     logprobs: bool | None = None
+    # accepted only as the no-op values: the features behind them are not implemented yet
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    logit_bias: dict[str, float] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_omitted(cls, data: object) -> object:
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items()
+                    if value is not None or key not in cls.model_fields or cls.model_fields[key].default is None}
+        return data
+
+    @model_validator(mode="after")
+    def _log_ignored_fields(self) -> ChatCompletionRequest:
+        if new := set(self.model_extra or ()) - _logged_ignored:
+            _logged_ignored.update(new)
+            log.warning("request fields this server does not implement, ignored: %s", ", ".join(sorted(new)))
+        return self
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _no_top_logprobs(cls, value: int | None) -> int | None:
+        if value:
+            raise ValueError("top_logprobs are not supported by this server")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value: dict | None) -> dict | None:
+        if value and value.get("type", "text") != "text":
+            raise ValueError(f"response_format {value.get('type')!r} is not supported by this server yet (only "
+                             "'text'); the answer would not be constrained")
+        return value
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, value: list | None) -> list | None:
+        if value:
+            raise ValueError("tools are not supported by this server yet; the model would not call them")
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _no_tool_choice(cls, value: str | dict | None) -> str | dict | None:
+        if value not in (None, "none", "auto"):
+            raise ValueError("tool_choice is not supported by this server yet")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, value: dict | None) -> dict | None:
+        if value:
+            raise ValueError("logit_bias is not supported by this server yet")
+        return value
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")
+        return value
 
     @field_validator("n")
     @classmethod
