@@ -196,9 +196,9 @@ def received_turns(monkeypatch) -> list:
     seen: list = []
     original = PromptBuilder.build
 
-    def spy(self, turns):
+    def spy(self, turns, *args):
         seen.append(turns)
-        return original(self, turns)
+        return original(self, turns, *args)
 
     monkeypatch.setattr(PromptBuilder, "build", spy)
     return seen

@@ -72,10 +72,10 @@ def test_a_failure_while_building_the_prompt_ends_that_request_and_nothing_else(
     """StopIteration cannot cross asyncio.to_thread into a coroutine: it used to leave the handler hanging."""
     build = PromptBuilder.build
 
-    def failing(self, turns):
+    def failing(self, turns, *args):
         if "boom" in str(turns[0].parts[0]):
             raise StopIteration
-        return build(self, turns)
+        return build(self, turns, *args)
 
     monkeypatch.setattr(PromptBuilder, "build", failing)
     caplog.set_level(logging.INFO, logger="shizhen.access")
@@ -171,7 +171,7 @@ def test_a_burst_cannot_pass_the_waiting_limit(start_server, monkeypatch):
 def test_conversations_that_cannot_fit_are_refused_before_any_tokenizing(server, monkeypatch):
     builds = []
     build = PromptBuilder.build
-    monkeypatch.setattr(PromptBuilder, "build", lambda self, turns: builds.append(1) or build(self, turns))
+    monkeypatch.setattr(PromptBuilder, "build", lambda self, *args: builds.append(1) or build(self, *args))
     many = {"messages": [USER] * 50_000}
     long = {"messages": [{"role": "user", "content": "x" * 4_000_000}]}
     with server.client() as http:

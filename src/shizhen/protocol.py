@@ -172,6 +172,39 @@ class ChatCompletionRequest(_Lenient):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+class TokenizeRequest(_Lenient):
+    """vLLM's `/tokenize`: a chat (as the chat template renders it, images counted) or a plain prompt."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_generation_prompt: bool = True  # chats: end with the assistant's turn opening, as a completion would
+    add_special_tokens: bool | None = None  # prompts: the tokenizer's own (default yes); chats: the template's
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send either `prompt` or `messages`")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Lenient):
+    model: str | None = None
+    tokens: list[int] = Field(min_length=1)
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
 # --- responses -------------------------------------------------------------------------------------------------
 def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"

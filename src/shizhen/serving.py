@@ -41,9 +41,13 @@ from .protocol import (
     Choice,
     ChunkChoice,
     Delta,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorBody,
     ErrorResponse,
     ImagePart,
+    TokenizeRequest,
+    TokenizeResponse,
     Usage,
     completion_id,
     now,
@@ -148,9 +152,10 @@ class ChatService:
                 f"than this server's {self._settings.max_context_length}-token context holds. Shorten it.",
                 param="messages", code="context_length_exceeded")
 
-    async def _build_prompt(self, turns: list[ChatTurn]) -> PromptInputs:
+    async def _build_prompt(self, turns: list[ChatTurn], add_generation_prompt: bool = True) -> PromptInputs:
         try:
-            return await self._loop.run_in_executor(self._prompt_threads, _build, self._engine.prompt_builder, turns)
+            return await self._loop.run_in_executor(self._prompt_threads, _build, self._engine.prompt_builder, turns,
+                                                    add_generation_prompt)
         except PromptFailed as exc:
             raise InvalidRequest(f"the conversation could not be turned into a prompt: {exc}", param="messages",
                                  code="invalid_prompt") from None
@@ -226,6 +231,33 @@ class ChatService:
             stop=tuple(body.stop),
             ignore_eos=body.ignore_eos,
         )
+
+    # --- tokenizing (vLLM's /tokenize and /detokenize) --------------------------------------------------------------
+    async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
+        """A chat goes through exactly the path a chat completion's prompt does (checks, images, template); a plain
+        prompt through the tokenizer alone."""
+        self.check_model(body.model)
+        self.require_ready()
+        builder = self._engine.prompt_builder
+        if body.messages is not None:
+            self._check_sizes(body.messages)
+            turns = await self._turns(body.messages, None, None)
+            prompt = await self._build_prompt(turns, body.add_generation_prompt)
+            tokens = prompt.input_ids[0].tolist()
+        else:
+            add_special = True if body.add_special_tokens is None else body.add_special_tokens
+            tokens = await self._loop.run_in_executor(self._prompt_threads, builder.encode, body.prompt, add_special)
+        return TokenizeResponse(count=len(tokens), max_model_len=self._settings.max_context_length, tokens=tokens,
+                                token_strs=builder.token_strings(tokens) if body.return_token_strs else None)
+
+    def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
+        self.check_model(body.model)
+        self.require_ready()
+        builder = self._engine.prompt_builder
+        if bad := [token for token in body.tokens if not 0 <= token < builder.vocab_size]:
+            raise InvalidRequest(f"token id {bad[0]} is not in this model's vocabulary (0 to "
+                                 f"{builder.vocab_size - 1})", param="tokens")
+        return DetokenizeResponse(prompt=builder.decode(body.tokens))
 
     # --- answering -----------------------------------------------------------------------------------------------
     async def complete(self, request: GenerationRequest) -> ChatCompletion:
@@ -347,11 +379,11 @@ class ChatService:
             record.finish_reason = output.finish_reason
 
 
-def _build(builder, turns: list[ChatTurn]) -> PromptInputs:
+def _build(builder, turns: list[ChatTurn], add_generation_prompt: bool) -> PromptInputs:
     """Runs on a prompt thread. Every exception leaves as PromptFailed: a StopIteration raised into the awaiting
     Future would never reach the coroutine, leaving the request without an answer for good."""
     try:
-        return builder.build(turns)
+        return builder.build(turns, add_generation_prompt)
     except Exception as exc:
         raise PromptFailed(f"{type(exc).__name__}: {exc}") from None
 

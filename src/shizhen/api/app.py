@@ -21,7 +21,7 @@ from ..observability.requests import RequestObserver
 from ..serving import ChatService
 from ..store import model_folder, model_store
 from ..tiny_checkpoint import is_random_test_model
-from . import chat, health, models, page, vision
+from . import chat, health, models, page, tokenize, vision
 from . import metrics as metrics_routes
 from .auth import require_api_key
 from .body_limit import BodySizeLimit
@@ -100,6 +100,7 @@ def create_app(settings: Settings, model_source: str | None = None) -> FastAPI:
     api.include_router(models.router)
     api.include_router(chat.router)
     api.include_router(vision.router)
+    api.include_router(tokenize.router)
     app.include_router(api)
     return app
 

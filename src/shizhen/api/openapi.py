@@ -38,7 +38,7 @@ def _spec(app: FastAPI) -> dict:
         for operation in operations.values():
             responses = operation.setdefault("responses", {})
             responses.pop("422", None)
-            if path.startswith("/v1/"):
+            if path.startswith("/v1/") or "requestBody" in operation:
                 for status, description in REFUSALS.items():
                     responses.setdefault(status, {"description": description,
                                                   "content": {"application/json": {"schema": ERROR_RESPONSE}}})

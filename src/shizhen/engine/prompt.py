@@ -71,9 +71,10 @@ class PromptBuilder:
         found = self._control_tokens.search(text) if self._control_tokens else None
         return found.group() if found else None
 
-    def build(self, turns: list[ChatTurn]) -> PromptInputs:
+    def build(self, turns: list[ChatTurn], add_generation_prompt: bool = True) -> PromptInputs:
         messages = [{"role": turn.role, "content": _template_content(turn.parts)} for turn in turns]
-        text = self._processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = self._processor.apply_chat_template(messages, tokenize=False,
+                                                   add_generation_prompt=add_generation_prompt)
         images = [part for turn in turns for part in turn.parts if isinstance(part, Image.Image)]
         if not images:
             encoded = self._processor(text=[text], return_tensors="pt")
@@ -86,6 +87,20 @@ class PromptBuilder:
             image_grid_thw=encoded["image_grid_thw"],
             image_token_id=self._processor.image_token_id,
         )
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Plain text (not a conversation) → token ids, as the tokenizer reads it."""
+        return self._processor.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self._processor.tokenizer.decode(token_ids)
+
+    def token_strings(self, token_ids: list[int]) -> list[str]:
+        return self._processor.tokenizer.convert_ids_to_tokens(token_ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._processor.tokenizer)
 
     def planning_prompt(self, tokens: int) -> PromptInputs:
         """The heaviest prefill of exactly `tokens` tokens: as many largest-size images as fit, then filler text.
