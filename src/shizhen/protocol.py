@@ -95,11 +95,12 @@ class ChatCompletionRequest(_Lenient):
             log.warning("request fields this server does not implement, ignored: %s", ", ".join(sorted(new)))
         return self
 
-    @field_validator("top_logprobs")
+    @field_validator("top_logprobs", "tools", "logit_bias")
     @classmethod
-    def _no_top_logprobs(cls, value: int | None) -> int | None:
+    def _not_implemented(cls, value: object, info: ValidationInfo) -> object:
+        """Only their empty values are accepted: anything else would be dropped without a word."""
         if value:
-            raise ValueError("top_logprobs are not supported by this server")
+            raise ValueError(f"{info.field_name} is not supported by this server yet")
         return value
 
     @field_validator("response_format")
@@ -110,25 +111,11 @@ class ChatCompletionRequest(_Lenient):
                              "'text'); the answer would not be constrained")
         return value
 
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, value: list | None) -> list | None:
-        if value:
-            raise ValueError("tools are not supported by this server yet; the model would not call them")
-        return value
-
     @field_validator("tool_choice")
     @classmethod
     def _no_tool_choice(cls, value: str | dict | None) -> str | dict | None:
         if value not in (None, "none", "auto"):
             raise ValueError("tool_choice is not supported by this server yet")
-        return value
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_logit_bias(cls, value: dict | None) -> dict | None:
-        if value:
-            raise ValueError("logit_bias is not supported by this server yet")
         return value
 
     @field_validator("stream_options")
