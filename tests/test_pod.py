@@ -205,3 +205,12 @@ def test_without_a_shipped_release_nothing_is_installed_and_the_pod_stops(fake_p
     result = subprocess.run(["bash", str(START_SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "SHIZHEN_PACKAGE is not set" in result.stdout
     assert runpod_api.inputs["podStop"] == [{"podId": "pod1"}] and not calls.exists()
+
+
+def test_off_a_pod_a_crash_loop_exits_at_once(fake_pod, tmp_path, monkeypatch):
+    """Without RUNPOD_POD_ID there is no pod to stop and nothing to wait for: exit 1, not a 5-minute wait."""
+    env, calls = fake_pod
+    del env["RUNPOD_POD_ID"]
+    env |= {"SHIZHEN_SERVE_CMD": fake_server(tmp_path, calls, "exit 3"), "SHIZHEN_MAX_RESTARTS": "2"}
+    result = subprocess.run(["bash", str(START_SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "not on a RunPod pod" in result.stdout

@@ -49,7 +49,7 @@ stop_this_pod() {  # RunPod then sends SIGTERM; needs only python3's standard li
     exit 1
   fi
   log "stopping this pod ($1)"
-  RUNPOD_POD_ID=${RUNPOD_POD_ID:-} python3 - <<'EOF' 2>&1 | tee -a "$LOGS/supervisor.log"
+  if RUNPOD_POD_ID=${RUNPOD_POD_ID:-} python3 - <<'EOF' > >(tee -a "$LOGS/supervisor.log") 2>&1; then
 import json, os, urllib.request
 pod = os.environ["RUNPOD_POD_ID"]
 if not pod or not os.environ.get("RUNPOD_API_KEY"):
@@ -61,8 +61,9 @@ request = urllib.request.Request(
     headers={"Content-Type": "application/json", "Authorization": "Bearer " + os.environ["RUNPOD_API_KEY"]})
 print(urllib.request.urlopen(request, timeout=30).read().decode())
 EOF
-  run_and_wait sleep "${SHIZHEN_STOP_WAIT_SECONDS:-300}"  # RunPod's SIGTERM ends this wait
-  exit 1
+    run_and_wait sleep "${SHIZHEN_STOP_WAIT_SECONDS:-300}"  # RunPod's SIGTERM ends this wait
+  fi
+  exit 1  # the stop could not be asked for (not on a pod?): nothing to wait for
 }
 
 if [ -n "${PUBLIC_KEY:-}" ] && command -v sshd >/dev/null; then
@@ -71,13 +72,13 @@ if [ -n "${PUBLIC_KEY:-}" ] && command -v sshd >/dev/null; then
   service ssh start >/dev/null 2>&1 || /usr/sbin/sshd || log "could not start sshd"
 fi
 
-if [ -z "${SHIZHEN_PACKAGE:-}" ]; then
+if [ -z "${SHIZHEN_PACKAGE:-}" ] && [ -z "${SHIZHEN_SERVE_CMD:-}" ]; then
   log "SHIZHEN_PACKAGE is not set: this script installs only what \`shizhen deploy up\` ships"
   stop_this_pod "nothing to install"
 fi
 echo "${SHIZHEN_REQUIREMENTS_B64:-}" | base64 -d > "$APP/requirements.txt"
-marker="$APP/.installed-$(cat "$APP/requirements.txt" <(echo "$SHIZHEN_PACKAGE") | sha256sum | cut -c1-16)"
-if [ ! -f "$marker" ]; then
+marker="$APP/.installed-$(cat "$APP/requirements.txt" <(echo "${SHIZHEN_PACKAGE:-}") | sha256sum | cut -c1-16)"
+if [ -n "${SHIZHEN_PACKAGE:-}" ] && [ ! -f "$marker" ]; then
   log "installing $SHIZHEN_PACKAGE with the pinned requirements into $VENV (log: $LOGS/install.log)"
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
   PIP=${SHIZHEN_PIP:-"$VENV/bin/pip"}
