@@ -8,7 +8,7 @@ import time
 import httpx
 
 from ..config import Settings
-from .release import POD_VOLUME, Release, pinned_requirements, prepare_release, start_command
+from .release import POD_VOLUME, Release, container_env, prepare_release, start_command
 from .runpod_client import DeployedPod, DeployError, NoGpusOnResume, PodSpec, RunPodClient
 from .settings import DeploySettings
 
@@ -76,27 +76,19 @@ def pod_spec(deploy: DeploySettings, server: Settings, release: Release, volume_
              data_center: str) -> PodSpec:
     idle = deploy.idle_stop_seconds if server.idle_stop_seconds is None else server.idle_stop_seconds
     uptime = deploy.max_uptime_hours if server.max_uptime_hours is None else server.max_uptime_hours
-    env = {
-        "SHIZHEN_MODEL": server.model,
-        "SHIZHEN_SERVED_MODEL_NAME": server.model_name,
-        "SHIZHEN_CACHE_DIR": "/workspace/models",
-        "HF_HOME": "/workspace/models",
-        "SHIZHEN_PORT": str(deploy.port),
-        "SHIZHEN_CORS_ALLOWED_ORIGINS": ",".join(server.cors_allowed_origins),
-        "SHIZHEN_MAX_MEMORY": "0=75GiB" if "80GB" in deploy.gpu_type else "",
-        "SHIZHEN_REQUIRE_GPU": "true",
-        "SHIZHEN_STAY_UP_ON_LOAD_FAILURE": "true",  # `up` and `status` show the reason; the idle stop ends the bill
-        "SHIZHEN_PACKAGE": release.requirement(POD_VOLUME),
-        "SHIZHEN_REQUIREMENTS_B64": pinned_requirements(),
-        "SHIZHEN_MAX_RESTARTS": str(deploy.max_restarts),
-        "SHIZHEN_IDLE_STOP_SECONDS": f"{idle:g}" if idle else "",
-        "SHIZHEN_MAX_UPTIME_HOURS": f"{uptime:g}" if uptime else "",
-        "SHIZHEN_API_KEYS": ",".join(key.get_secret_value() for key in server.api_keys),
-    }
+    env = container_env(
+        deploy, server, release, POD_VOLUME,
+        SHIZHEN_PORT=str(deploy.port),
+        SHIZHEN_MAX_MEMORY="0=75GiB" if "80GB" in deploy.gpu_type else "",
+        SHIZHEN_STAY_UP_ON_LOAD_FAILURE="true",  # `up` and `status` show the reason; the idle stop ends the bill
+        SHIZHEN_IDLE_STOP_SECONDS=f"{idle:g}" if idle else "",
+        SHIZHEN_MAX_UPTIME_HOURS=f"{uptime:g}" if uptime else "",
+        SHIZHEN_API_KEYS=",".join(key.get_secret_value() for key in server.api_keys),
+    )
     return PodSpec(
         name=deploy.pod_name, image=deploy.image, gpu_type=deploy.gpu_type, gpu_count=deploy.gpu_count,
         cloud_type=deploy.cloud_type, container_disk_gb=deploy.container_disk_gb, volume_id=volume_id,
-        data_center=data_center, port=deploy.port, env={k: v for k, v in env.items() if v},
+        data_center=data_center, port=deploy.port, env=env,
         docker_args=start_command(),
         cuda_versions=deploy.cuda_versions,
     )

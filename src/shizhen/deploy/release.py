@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
+from ..config import Settings
 from .runpod_client import DeployError
 from .settings import DeploySettings
 
@@ -53,9 +54,24 @@ def prepare_release(deploy: DeploySettings, volume_id: str, data_center: str) ->
     return Release(commit, wheel_key=key)
 
 
-def pinned_requirements() -> str:
-    """requirements.txt of the checkout, base64 for the pod's env (start_pod.sh installs it first)."""
-    return base64.b64encode((REPO_ROOT / "requirements.txt").read_bytes()).decode()
+def container_env(deploy: DeploySettings, server: Settings, release: Release, mount: str,
+                  **extra: str) -> dict[str, str]:
+    """The env a pod or a serverless worker starts with: where the volume is, what start_pod.sh installs, the
+    server's settings; `extra` adds to it. Empty values are left out."""
+    env = {
+        "WORKSPACE": mount,
+        "SHIZHEN_PACKAGE": release.requirement(mount),
+        "SHIZHEN_REQUIREMENTS_B64": base64.b64encode((REPO_ROOT / "requirements.txt").read_bytes()).decode(),
+        "SHIZHEN_MAX_RESTARTS": str(deploy.max_restarts),
+        "SHIZHEN_MODEL": server.model,
+        "SHIZHEN_SERVED_MODEL_NAME": server.model_name,
+        "SHIZHEN_CACHE_DIR": f"{mount}/models",
+        "HF_HOME": f"{mount}/models",
+        "SHIZHEN_CORS_ALLOWED_ORIGINS": ",".join(server.cors_allowed_origins),
+        "SHIZHEN_REQUIRE_GPU": "true",
+        **extra,
+    }
+    return {key: value for key, value in env.items() if value}
 
 
 def start_command() -> str:

@@ -159,7 +159,7 @@ class RunPodClient:
 
     def edit_pod(self, pod_id: str, spec: PodSpec) -> None:
         """New image, env and start command for an existing pod; RunPod restarts it with them."""
-        env = ", ".join(f"{{key: {json.dumps(k)}, value: {json.dumps(v)}}}" for k, v in spec.env.items())
+        env = _env_literal(spec.env)
         self._graphql(
             f"mutation {{ podEditJob(input: {{podId: {json.dumps(pod_id)}, imageName: {json.dumps(spec.image)}, "
             f"dockerArgs: {json.dumps(spec.docker_args)}, containerDiskInGb: {spec.container_disk_gb}, "
@@ -192,7 +192,7 @@ class RunPodClient:
 
     def save_template(self, spec: WorkerSpec, template_id: str | None) -> str:
         """Create the workers' template, or update it in place (`id`): new workers start with the new one."""
-        env = ", ".join(f"{{key: {json.dumps(k)}, value: {json.dumps(v)}}}" for k, v in spec.env.items())
+        env = _env_literal(spec.env)
         identity = f"id: {json.dumps(template_id)}, " if template_id else ""
         saved = self._graphql(
             f"mutation {{ saveTemplate(input: {{{identity}name: {json.dumps(spec.template_name)}, "
@@ -271,3 +271,8 @@ def _escaped(text: str) -> str:
     """`text` escaped for the inside of a GraphQL string literal (JSON's escapes are GraphQL's): the SDK puts names
     and env values between quotes as they are, so a quote or backslash in an API key would break the mutation."""
     return json.dumps(text)[1:-1]
+
+
+def _env_literal(env: dict[str, str]) -> str:
+    """`env` as the inside of a GraphQL list of EnvironmentVariableInput (JSON strings are GraphQL strings)."""
+    return ", ".join(f"{{key: {json.dumps(key)}, value: {json.dumps(value)}}}" for key, value in env.items())

@@ -16,7 +16,7 @@ import httpx
 
 from ..config import Settings
 from .commands import PROGRESS_WIDTH, delete_volume, print_usage
-from .release import WORKER_VOLUME, Release, pinned_requirements, prepare_release, start_command
+from .release import WORKER_VOLUME, Release, container_env, prepare_release, start_command
 from .runpod_client import DeployError, RunPodClient, WorkerSpec
 from .settings import DeploySettings
 
@@ -46,24 +46,15 @@ def up(deploy: DeploySettings, server: Settings, client: RunPodClient) -> int:
 
 
 def worker_spec(deploy: DeploySettings, server: Settings, release: Release, volume_id: str) -> WorkerSpec:
-    env = {
-        "WORKSPACE": WORKER_VOLUME,
-        "SHIZHEN_MODEL": server.model,
-        "SHIZHEN_SERVED_MODEL_NAME": server.model_name,
-        "SHIZHEN_CACHE_DIR": f"{WORKER_VOLUME}/models",
-        "HF_HOME": f"{WORKER_VOLUME}/models",
-        "PORT": str(deploy.port),  # RunPod's worker contract; /ping is served on the same port
-        "SHIZHEN_CORS_ALLOWED_ORIGINS": ",".join(server.cors_allowed_origins),
-        "SHIZHEN_MAX_MEMORY": "0=75GiB",  # every pool in serverless_gpu_ids is an 80 GB one
-        "SHIZHEN_REQUIRE_GPU": "true",
-        "SHIZHEN_PACKAGE": release.requirement(WORKER_VOLUME),
-        "SHIZHEN_REQUIREMENTS_B64": pinned_requirements(),
-        "SHIZHEN_MAX_RESTARTS": str(deploy.max_restarts),
-        "SHIZHEN_STOP_POD_ON_FAILURE": "0",  # a worker that gives up exits; RunPod replaces it
-    }
+    env = container_env(
+        deploy, server, release, WORKER_VOLUME,
+        PORT=str(deploy.port),  # RunPod's worker contract; /ping is served on the same port
+        SHIZHEN_MAX_MEMORY="0=75GiB",  # every pool in serverless_gpu_ids is an 80 GB one
+        SHIZHEN_STOP_POD_ON_FAILURE="0",  # a worker that gives up exits; RunPod replaces it
+    )
     return WorkerSpec(
         template_name=f"{deploy.endpoint_name}-worker", image=deploy.image, container_disk_gb=deploy.container_disk_gb,
-        port=deploy.port, env={k: v for k, v in env.items() if v}, docker_args=start_command(),
+        port=deploy.port, env=env, docker_args=start_command(),
         endpoint_name=deploy.endpoint_name, gpu_ids=deploy.serverless_gpu_ids, workers_min=deploy.workers_min,
         workers_max=deploy.workers_max, idle_timeout_seconds=deploy.idle_timeout_seconds,
         requests_per_worker=deploy.requests_per_worker, volume_id=volume_id, cuda_versions=deploy.cuda_versions,
