@@ -11,7 +11,6 @@ requests) under the profiler: how busy the GPU was over the decode phase, and th
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import traceback
 import warnings
@@ -23,7 +22,7 @@ from common import emit, replay_ms, write_json
 from engine_throughput import PROMPT_TOKENS, build, run_requests, start_engine, text_prompt
 from torch.profiler import ProfilerActivity, profile
 
-from shizhen.engine.engine import Engine
+from shizhen.engine.core import EngineCore
 from shizhen.engine.model_runner import ModelRunner
 
 STEPS = 5
@@ -65,15 +64,15 @@ def host_syncs():
             torch.cuda.set_sync_debug_mode(0)
 
 
-def engine_loop(engine: Engine, args, rows: list[dict]) -> None:
+def engine_loop(engine: EngineCore, args, rows: list[dict]) -> None:
     """GPU busy share, synchronizing calls and the heaviest host calls while the engine serves 1 and 64 streams."""
     for requests in (1, 64):
         prompts = [text_prompt(PROMPT_TOKENS, 7000 + i) for i in range(requests)]
-        asyncio.run(run_requests(engine, prompts, [16] * requests, [0] * requests))  # warm-up
+        run_requests(engine, prompts, [16] * requests, [0] * requests)  # warm-up
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            results = asyncio.run(run_requests(engine, prompts, [128] * requests, [0] * requests))
-        first = min(times[0] for _, times, _ in results)
-        wall_us = (max(times[-1] for _, times, _ in results) - first) * 1e6
+            results = run_requests(engine, prompts, [128] * requests, [0] * requests)
+        first = min(timeline.first for timeline in results)
+        wall_us = (max(timeline.last for timeline in results) - first) * 1e6
         events = prof.key_averages()
         gpu_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
         emit(rows, {"bench": "engine_loop", "requests": requests, "tokens_each": 128,
@@ -82,7 +81,7 @@ def engine_loop(engine: Engine, args, rows: list[dict]) -> None:
             emit(rows, {"bench": "host_call", "requests": requests, "name": event.key[:80], "calls": event.count,
                         "self_cpu_ms": round(event.self_cpu_time_total / 1e3, 1)})
         with host_syncs() as sites:
-            asyncio.run(run_requests(engine, prompts, [32] * requests, [0] * requests))
+            run_requests(engine, prompts, [32] * requests, [0] * requests)
         for site, count in sites.most_common(6):
             emit(rows, {"bench": "host_sync", "requests": requests, "tokens_each": 32, "count": count, "site": site})
 
@@ -94,19 +93,16 @@ def main() -> None:
     parser.add_argument("--cache-len", type=int, default=200, help="tokens already in every slot")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--json", type=Path)
-    parser.set_defaults(tiny=False, dtype=None, max_len=512, gpu_memory_utilization=0.95, eager=False)
+    parser.set_defaults(tiny=False, shape="32b", dtype=None, max_len=512, gpu_memory_utilization=0.95, eager=False)
     args = parser.parse_args()
     args.max_num_seqs = max(64, *args.batches)
     rows: list[dict] = []
     loaded, text_bytes = build(args)
     engine = start_engine(loaded, args)
-    try:
-        emit(rows, {"bench": "setup", "device": torch.cuda.get_device_name(), "layers": args.layers,
-                    "text_weights_gb": round(text_bytes / 1e9, 2), "torch": torch.__version__})
-        decode_steps(engine._runner, text_bytes, args, rows)  # the engine is idle: its graphs are free to replay
-        engine_loop(engine, args, rows)
-    finally:
-        engine.stop()
+    emit(rows, {"bench": "setup", "device": torch.cuda.get_device_name(), "layers": args.layers,
+                "text_weights_gb": round(text_bytes / 1e9, 2), "torch": torch.__version__})
+    decode_steps(engine._runner, text_bytes, args, rows)  # the engine is idle: its graphs are free to replay
+    engine_loop(engine, args, rows)
     write_json(rows, args.json)
 
 

@@ -15,7 +15,6 @@ model of the real widths and `--layers` layers. `--tiny` runs either mode on a t
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import statistics
 import sys
@@ -23,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import emit, replay_ms, write_json
+from common import Timeline, emit, percentile, replay_ms, run_core, write_json
 from PIL import Image
 from transformers import (
     Qwen2_5_VLConfig,
@@ -34,7 +33,7 @@ from transformers import (
 )
 
 from shizhen.config import Settings
-from shizhen.engine.engine import Engine, EngineConfig, EngineState
+from shizhen.engine.core import EngineConfig, EngineCore
 from shizhen.engine.loader import LoadedModel
 from shizhen.engine.prompt import ChatTurn, PromptBuilder, PromptInputs
 from shizhen.engine.request import GenerationRequest
@@ -49,6 +48,13 @@ TEXT_32B = dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
 VISION_32B = dict(depth=32, hidden_size=1280, intermediate_size=3456, num_heads=16, out_hidden_size=5120,
                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                   fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2)
+TEXT_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, vocab_size=152064, max_position_embeddings=128000, rms_norm_eps=1e-6,
+               rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]})
+VISION_7B = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                 patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                 fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2)
+SHAPES = {"32b": (TEXT_32B, VISION_32B), "7b": (TEXT_7B, VISION_7B)}
 PROMPT_TOKENS, NEW_TOKENS = 200, 256
 
 
@@ -58,7 +64,7 @@ def build(args) -> tuple[LoadedModel, int]:
     if args.tiny:
         text, vision = dict(TINY_TEXT_SIZES, vocab_size=152064), TINY_VISION_SIZES
     else:
-        text, vision = dict(TEXT_32B), VISION_32B
+        text, vision = dict(SHAPES[args.shape][0]), SHAPES[args.shape][1]
     if args.layers:
         text["num_hidden_layers"] = args.layers
     text |= {"bos_token_id": QWEN_IDS["bos"], "eos_token_id": QWEN_IDS["eos"], "pad_token_id": QWEN_IDS["bos"]}
@@ -82,7 +88,7 @@ def build(args) -> tuple[LoadedModel, int]:
           f"{time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
     text_bytes = sum(p.numel() * p.element_size() for p in model.model.language_model.parameters())
     text_bytes += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
-    loaded = LoadedModel(model, processor, dtype, frozenset({QWEN_IDS["eos"], QWEN_IDS["bos"]}), {})
+    loaded = LoadedModel(model, processor, dtype, frozenset({QWEN_IDS["eos"], QWEN_IDS["bos"]}), {}, folder="")
     return loaded, text_bytes
 
 
@@ -122,87 +128,66 @@ def baseline_generate(loaded: LoadedModel, batch: int, rows: list[dict]) -> None
                 "tok_per_s": round(batch * NEW_TOKENS / elapsed, 1)})
 
 
-async def run_requests(engine: Engine, prompts: list[PromptInputs], max_tokens: list[int],
-                       arrivals: list[float]) -> list[tuple[float, list[float], str]]:
-    """Submit each prompt at its arrival time; returns (submit time, output arrival times, text) per request."""
-    async def one(index: int) -> tuple[float, list[float], str]:
-        await asyncio.sleep(arrivals[index])
-        params = SamplingParams(max_new_tokens=max_tokens[index], temperature=0, ignore_eos=True)
-        submitted = time.perf_counter()
-        stream = engine.submit(GenerationRequest(f"bench-{index}", prompts[index], params))
-        times, texts = [], []
-        while True:
-            output = await stream.next()
-            times.append(time.perf_counter())
-            texts.append(output.text)
-            if output.finish_reason:
-                return submitted, times, "".join(texts)
-
-    return await asyncio.gather(*(one(i) for i in range(len(prompts))))
+def run_requests(core: EngineCore, prompts: list[PromptInputs], max_tokens: list[int],
+                 arrivals: list[float]) -> list[Timeline]:
+    """Each prompt added at its arrival time, greedy, exactly `max_tokens` tokens each."""
+    requests = [GenerationRequest(f"bench-{index}-{time.perf_counter_ns()}", prompt,
+                                  SamplingParams(max_new_tokens=limit, temperature=0, ignore_eos=True))
+                for index, (prompt, limit) in enumerate(zip(prompts, max_tokens, strict=True))]
+    return run_core(core, requests, arrivals)
 
 
-def percentile(values: list[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(share * (len(ordered) - 1))))]
-
-
-def start_engine(loaded: LoadedModel, args) -> Engine:
+def start_engine(loaded: LoadedModel, args) -> EngineCore:
     defaults = Settings()
-    engine = Engine(lambda report_phase: loaded, EngineConfig(
+    return EngineCore(loaded, EngineConfig(
         max_len=args.max_len, image_min_pixels=defaults.image_min_pixels, image_max_pixels=defaults.image_max_pixels,
         max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.eager,
         kv_cache_tokens=args.kv_cache_tokens))
-    engine.start()
-    while engine.state is EngineState.LOADING:
-        time.sleep(0.05)
-    if engine.state is EngineState.FAILED:
-        raise RuntimeError(engine.error)
-    return engine
 
 
-async def engine_benchmarks(engine: Engine, loaded: LoadedModel, text_bytes: int, rows: list[dict], args) -> None:
-    await run_requests(engine, [text_prompt(PROMPT_TOKENS, 99)] * 2, [32, 32], [0, 0])  # warm-up
-    [(submitted, times, _)] = await run_requests(engine, [text_prompt(PROMPT_TOKENS, 1)], [NEW_TOKENS], [0])
-    decode_rate = (len(times) - 1) / (times[-1] - times[0])
+def engine_benchmarks(engine: EngineCore, loaded: LoadedModel, text_bytes: int, rows: list[dict], args) -> None:
+    run_requests(engine, [text_prompt(PROMPT_TOKENS, 99)] * 2, [32, 32], [0, 0])  # warm-up
+    [single] = run_requests(engine, [text_prompt(PROMPT_TOKENS, 1)], [NEW_TOKENS], [0])
+    decode_rate = (single.tokens - 1) / (single.last - single.first)
     emit(rows, {"bench": "engine_single_stream", "prompt_tokens": PROMPT_TOKENS, "new_tokens": NEW_TOKENS,
-                "ttft_ms": round((times[0] - submitted) * 1e3, 1), "decode_tok_per_s": round(decode_rate, 1),
-                "end_to_end_tok_per_s": round(len(times) / (times[-1] - submitted), 1),
+                "ttft_ms": round((single.first - single.submitted) * 1e3, 1), "decode_tok_per_s": round(decode_rate, 1),
+                "end_to_end_tok_per_s": round(single.tokens / (single.last - single.submitted), 1),
                 "weights_gb_per_s": round(decode_rate * text_bytes / 1e9, 1)})
 
     for length in (100, 300, 500):  # a new prompt length each: no per-shape warm-up helps
-        [(submitted, times, _)] = await run_requests(engine, [text_prompt(length, 3000 + length)], [1], [0])
-        emit(rows, {"bench": "engine_text_ttft", "prompt_tokens": length, "ttft_ms": round((times[0] - submitted) * 1e3,
-                                                                                             1)})
+        [one] = run_requests(engine, [text_prompt(length, 3000 + length)], [1], [0])
+        emit(rows, {"bench": "engine_text_ttft", "prompt_tokens": length,
+                    "ttft_ms": round((one.first - one.submitted) * 1e3, 1)})
 
     image = image_prompt(loaded)
-    await run_requests(engine, [image], [1], [0])  # warm-up of the vision tower
+    run_requests(engine, [image], [1], [0])  # warm-up of the vision tower
     ttfts = []
     for _ in range(3):
-        [(submitted, times, _)] = await run_requests(engine, [image], [1], [0])
-        ttfts.append(times[0] - submitted)
+        [one] = run_requests(engine, [image], [1], [0])
+        ttfts.append(one.first - one.submitted)
     emit(rows, {"bench": "engine_image_ttft", "image": "448x448", "prompt_tokens": image.num_tokens,
                 "image_tokens": image.num_image_tokens, "ttft_ms": round(statistics.median(ttfts) * 1e3, 1)})
 
     for concurrency in args.concurrency:
         prompts = [text_prompt(PROMPT_TOKENS, 1000 + i) for i in range(concurrency)]
-        await concurrent_requests(engine, prompts, rows, {"bench": "engine_concurrent", "prompt_tokens": PROMPT_TOKENS})
+        concurrent_requests(engine, prompts, rows, {"bench": "engine_concurrent", "prompt_tokens": PROMPT_TOKENS})
     for concurrency in args.photo_concurrency:  # phone photos, downscaled to the largest image the server takes
         prompts = [image_prompt(loaded, (1536, 1152), repeats=1) for _ in range(concurrency)]
-        await concurrent_requests(engine, prompts, rows, {
+        concurrent_requests(engine, prompts, rows, {
             "bench": "engine_concurrent_photos", "photo": "1536x1152",
             "prompt_tokens": prompts[0].num_tokens, "image_tokens": prompts[0].num_image_tokens})
 
 
-async def concurrent_requests(engine: Engine, prompts: list[PromptInputs], rows: list[dict], labels: dict) -> None:
+def concurrent_requests(engine: EngineCore, prompts: list[PromptInputs], rows: list[dict], labels: dict) -> None:
     """The prompts arriving spread over one second, NEW_TOKENS each: aggregate tok/s, TTFT and inter-token latency."""
     concurrency = len(prompts)
     arrivals = [i / concurrency for i in range(concurrency)]
     preempted_before = engine.preemptions
     started = time.perf_counter()
-    results = await run_requests(engine, prompts, [NEW_TOKENS] * concurrency, arrivals)
-    finished = max(times[-1] for _, times, _ in results)
-    ttft = [times[0] - submitted for submitted, times, _ in results]
-    itl = [b - a for _, times, _ in results for a, b in zip(times, times[1:])]
+    results = run_requests(engine, prompts, [NEW_TOKENS] * concurrency, arrivals)
+    finished = max(timeline.last for timeline in results)
+    ttft = [timeline.first - timeline.submitted for timeline in results]
+    itl = [gap for timeline in results for gap in timeline.gaps()]
     emit(rows, labels | {"requests": concurrency, "new_tokens": NEW_TOKENS, "arrivals_over_s": 1.0,
                          "preemptions": engine.preemptions - preempted_before,
                          "aggregate_tok_per_s": round(concurrency * NEW_TOKENS / (finished - started), 1),
@@ -212,7 +197,7 @@ async def concurrent_requests(engine: Engine, prompts: list[PromptInputs], rows:
                          "itl_p95_ms": round(percentile(itl, 0.95) * 1e3, 2)})
 
 
-def graph_step_times(engine: Engine, rows: list[dict]) -> None:
+def graph_step_times(engine: EngineCore, rows: list[dict]) -> None:
     """GPU time of one decode step alone (a graph replay), per batch bucket: the floor the engine loop sits on."""
     runner = engine._runner
     if not runner._graphs:
@@ -237,13 +222,11 @@ def speed(args) -> list[dict]:
     started = time.perf_counter()
     engine = start_engine(loaded, args)
     emit(rows, {"bench": "engine_startup", "seconds": round(time.perf_counter() - started, 1),
-                "max_num_seqs": engine.slots, "max_len": args.max_len, "kv_capacity_tokens": engine.kv_capacity_tokens,
+                "max_num_seqs": args.max_num_seqs, "max_len": args.max_len,
+                "kv_capacity_tokens": engine.kv_capacity_tokens,
                 "cuda_graphs": not args.eager and torch.cuda.is_available()})
-    try:
-        asyncio.run(engine_benchmarks(engine, loaded, text_bytes, rows, args))
-        graph_step_times(engine, rows)
-    finally:
-        engine.stop()
+    engine_benchmarks(engine, loaded, text_bytes, rows, args)
+    graph_step_times(engine, rows)
     if torch.cuda.is_available():
         emit(rows, {"bench": "memory", "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
                     "total_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 2)})
@@ -267,11 +250,9 @@ def check(args) -> list[dict]:
             ids = loaded.model.generate(**inputs, max_new_tokens=limit, min_new_tokens=limit, do_sample=False)
             expected.append(loaded.processor.tokenizer.decode(ids[0, prompt.num_tokens:], skip_special_tokens=True))
     engine = start_engine(loaded, args)
-    try:
-        results = asyncio.run(run_requests(engine, prompts, max_tokens, [0.0, 0.01, 0.03, 0.05, 0.2]))
-    finally:
-        engine.stop()
-    for index, ((_, _, text), reference) in enumerate(zip(results, expected)):
+    results = run_requests(engine, prompts, max_tokens, [0.0, 0.01, 0.03, 0.05, 0.2])
+    texts = [loaded.processor.tokenizer.decode(timeline.token_ids, skip_special_tokens=True) for timeline in results]
+    for index, (text, reference) in enumerate(zip(texts, expected)):
         common = next((i for i, (a, b) in enumerate(zip(text, reference)) if a != b), min(len(text), len(reference)))
         emit(rows, {"bench": "greedy_check", "request": index, "image": prompts[index].pixel_values is not None,
                     "max_tokens": max_tokens[index], "identical": text == reference,
@@ -283,6 +264,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="compare greedy outputs with generate instead")
     parser.add_argument("--tiny", action="store_true", help="a tiny config (smoke test on CPU)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="32b", help="the model's widths (default 32b)")
     parser.add_argument("--layers", type=int, help="fewer text layers than the real 64")
     parser.add_argument("--max-len", type=int, default=2048, help="context per sequence (a photo prompt is ~800)")
     parser.add_argument("--max-num-seqs", type=int, default=64)

@@ -17,14 +17,9 @@ from pathlib import Path
 
 import torch
 from common import emit, write_json
+from engine_throughput import TEXT_7B, VISION_7B
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-TEXT_7B = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-               num_key_value_heads=4, vocab_size=152064, max_position_embeddings=128000, rms_norm_eps=1e-6,
-               rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]})
-VISION_7B = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
-                 patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                 fullatt_block_indexes=[7, 15, 23, 31])
 
 
 def drop_caches(enabled: bool) -> bool:

@@ -1,7 +1,8 @@
 """Fixtures: the tiny checkpoint (built offline once per run) and real servers on real ports.
 
-Servers run uvicorn in a background thread of the test process, so a test can reach the engine for fault
-injection; `serve_cli` starts the real `shizhen serve` command in a subprocess.
+Servers run uvicorn in a background thread of the test process; their engine processes are forked from it, so a
+test patches engine code before it starts a server to inject faults. `serve_cli` starts the real `shizhen serve`
+command in a subprocess.
 """
 
 from __future__ import annotations
@@ -67,8 +68,13 @@ class RunningServer:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=api_key, max_retries=0, timeout=30)
 
     @property
+    def context(self):
+        return self.app.state.context
+
+    @property
     def engine(self):
-        return self.app.state.engine
+        """The engine client (the engine itself runs in its own process)."""
+        return self.context.engine
 
     def wait_ready(self, timeout: float = 30) -> dict:
         deadline = time.monotonic() + timeout
@@ -140,6 +146,26 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 120) -> N
         time.sleep(0.1)
 
 
+def children_of(pid: int) -> list[int]:
+    """Live (not zombie) processes whose parent is `pid`."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def is_running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def image_data_url(image: Image.Image, fmt: str = "PNG") -> str:
     buffer = io.BytesIO()
     image.save(buffer, format=fmt)
@@ -188,6 +214,43 @@ def hold_loading(tiny_checkpoint: Path, folder: Path) -> tuple[Path, threading.E
 
     threading.Thread(target=feed, daemon=True).start()
     return folder, release
+
+
+class FaultOnce:
+    """Makes a function raise `error` once per `arm()`. The switch is a file, so an engine process (forked from
+    this one, with the patch) sees it too; patch before starting the server."""
+
+    def __init__(self, switch: Path):
+        self._switch = switch
+
+    def arm(self) -> None:
+        self._switch.touch()
+
+    def fire(self, error: Exception) -> None:
+        try:
+            self._switch.unlink()
+        except FileNotFoundError:
+            return
+        raise error
+
+
+@pytest.fixture
+def fault_once(monkeypatch, tmp_path):
+    """fault_once("module.Class.method", error) → a FaultOnce wrapping that method."""
+    def patch(target: str, error: Exception) -> FaultOnce:
+        module_path, class_name, method_name = target.rsplit(".", 2)
+        owner = getattr(__import__(module_path, fromlist=[class_name]), class_name)
+        original = getattr(owner, method_name)
+        fault = FaultOnce(tmp_path / f"fault-{class_name}.{method_name}")
+
+        def faulty(*args, **kwargs):
+            fault.fire(error)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, method_name, faulty)
+        return fault
+
+    return patch
 
 
 @pytest.fixture

@@ -5,6 +5,9 @@ from __future__ import annotations
 from conftest import generate_greedy, image_data_url, tongue_photo
 from transformers import AutoProcessor
 
+from shizhen.protocol import ChatCompletionChunk, ChunkChoice, Delta
+from shizhen.serving import ContentChunks, _sse
+
 
 def test_text_completion_has_openai_shape_and_real_usage(server):
     client = server.openai()
@@ -177,3 +180,14 @@ def test_models_endpoints(server):
     assert extra["random_test_model"] is True and "RANDOM TEST MODEL" in extra["description"]
     assert extra["max_model_len"] == 4096
     assert extra["limits"]["max_images_per_request"] == server.settings.max_images_per_request
+
+
+def test_spliced_content_chunks_are_the_chunk_models_json():
+    """The hot path's content chunks are spliced, not built: byte for byte what the chunk model would write."""
+    def chunk(text: str) -> str:
+        return _sse(ChatCompletionChunk(id="chatcmpl-1", created=1, model="m",
+                                        choices=[ChunkChoice(delta=Delta(content=text))]))
+
+    spliced = ContentChunks(chunk(ContentChunks.SPLICE))
+    for text in ("舌红苔黄", 'a "quote" \\ slash', "line\nnext\t\r\b\f", "\x00\x1f\x7f", "\u2028\u2029 🙂 é", "</script>"):
+        assert spliced(text) == chunk(text)

@@ -41,7 +41,7 @@ def _ask_staggered(server, cases, spacing: float = 0.015) -> tuple[dict[int, dic
         thread.start()
     peak_running = 0
     while any(thread.is_alive() for thread in threads):
-        peak_running = max(peak_running, server.engine.running)
+        peak_running = max(peak_running, server.engine.stats.running)
         time.sleep(0.001)
     return replies, peak_running
 
@@ -62,7 +62,7 @@ def test_staggered_batched_requests_match_generate_alone(server):
     replies, peak_running = _ask_staggered(server, cases)
     assert peak_running >= 3, "the requests should have shared decode steps"
     _assert_each_matches_generate_alone(server, cases, replies)
-    assert server.engine.preemptions == 0
+    assert server.engine.stats.preemptions == 0
 
 
 def test_preempted_requests_resume_and_still_match_generate_alone(start_server):
@@ -71,11 +71,11 @@ def test_preempted_requests_resume_and_still_match_generate_alone(start_server):
     server = start_server(max_context_length=256, kv_cache_tokens=256)  # 4 blocks of 64 positions
     cases = _cases(max_tokens=[140] * 6)  # any two answers together outgrow the cache
     replies, _ = _ask_staggered(server, cases, spacing=0.0)
-    assert server.engine.preemptions > 0
+    assert server.engine.stats.preemptions > 0
     _assert_each_matches_generate_alone(server, cases, replies)
     with server.client() as http:
         metrics = http.get("/metrics").text
-    assert f"shizhen:num_preemptions_total {float(server.engine.preemptions)}" in metrics
+    assert f"shizhen:num_preemptions_total {float(server.engine.stats.preemptions)}" in metrics
 
 
 def test_more_requests_than_slots_wait_for_a_free_slot(start_server):
@@ -92,7 +92,7 @@ def test_more_requests_than_slots_wait_for_a_free_slot(start_server):
         thread.start()
     peak = 0
     while any(thread.is_alive() for thread in threads):
-        peak = max(peak, server.engine.running)
+        peak = max(peak, server.engine.stats.running)
         time.sleep(0.001)
     assert peak <= 2
     assert [r.status_code for r in results] == [200] * 7
@@ -123,4 +123,4 @@ def test_a_preempted_seeded_request_draws_what_it_would_have_drawn(start_server)
     roomy = start_server(max_context_length=256)
     cramped = start_server(max_context_length=256, kv_cache_tokens=256)
     assert answers(cramped) == answers(roomy)
-    assert cramped.engine.preemptions > 0 and roomy.engine.preemptions == 0
+    assert cramped.engine.stats.preemptions > 0 and roomy.engine.stats.preemptions == 0

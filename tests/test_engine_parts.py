@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 
 import torch
 from conftest import tongue_photo
@@ -12,7 +11,8 @@ from shizhen.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from shizhen.engine.loader import load_model
 from shizhen.engine.model_runner import ModelRunner
 from shizhen.engine.prompt import ChatTurn, PromptBuilder, PromptInputs
-from shizhen.engine.request import GenerationRequest, RequestStream
+from shizhen.engine import wire
+from shizhen.engine.request import GenerationRequest
 from shizhen.engine.sampling import BatchSampler, SamplingParams, SlotHistory
 from shizhen.engine.scheduler import Scheduler
 from shizhen.engine.sequence import Sequence
@@ -95,19 +95,18 @@ def test_a_slot_set_up_from_history_draws_what_the_uninterrupted_one_would():
     assert [int(resumed.sample(logits, [1], rows)[0]) for _ in range(7)] == uninterrupted[5:]
 
 
-def _waiting_request(loop, prompt_tokens: int, max_new_tokens: int = 16) -> RequestStream:
+def _sequence(prompt_tokens: int, max_new_tokens: int = 16) -> Sequence:
     prompt = PromptInputs(input_ids=torch.zeros(1, prompt_tokens, dtype=torch.long))
-    return RequestStream(GenerationRequest("r", prompt, SamplingParams(max_new_tokens=max_new_tokens)), loop)
+    return Sequence(GenerationRequest("r", prompt, SamplingParams(max_new_tokens=max_new_tokens)), frozenset(), seed=0)
 
 
 def test_admission_waits_for_kv_blocks_as_well_as_slots():
     """A request is admitted with the blocks its prompt and first decode step fill, however large its max_tokens;
     one that does not fit waits, and so do the requests behind it, until running ones give blocks back. While
     others run, a watermark of free blocks stays for them to grow into. Block 0 (scratch) is never handed out."""
-    loop = asyncio.new_event_loop()
     scheduler = Scheduler(slots=4, blocks=1 + 5, prefill_token_budget=8192)  # 5 blocks of 64 positions
     for prompt_tokens in (100, 60, 200, 10):
-        scheduler.add(_waiting_request(loop, prompt_tokens, max_new_tokens=4000))
+        scheduler.add(_sequence(prompt_tokens, max_new_tokens=4000))
     first = scheduler.admissions()
     assert [len(admission.blocks) for admission in first] == [2, 1]  # the third needs 4 and 1 more stays free
     assert scheduler.kv_usage == 3 / 5 and len(scheduler.waiting) == 2
@@ -116,18 +115,15 @@ def test_admission_waits_for_kv_blocks_as_well_as_slots():
     second = scheduler.admissions()
     assert [len(admission.blocks) for admission in second] == [4] and len(scheduler.waiting) == 1
     assert 0 not in second[0].blocks
-    loop.close()
 
 
 def test_sequences_grow_block_by_block_and_the_newest_is_preempted_when_none_is_left():
-    loop = asyncio.new_event_loop()
     scheduler = Scheduler(slots=3, blocks=1 + 4, prefill_token_budget=8192)
-    scheduler.add(_waiting_request(loop, 60))
-    scheduler.add(_waiting_request(loop, 60))
-    older, newer = (Sequence(admission.stream, None, None, frozenset(), seed=0) for admission in scheduler.admissions())
+    scheduler.add(_sequence(60))
+    scheduler.add(_sequence(60))
+    older, newer = (admission.sequence for admission in scheduler.admissions())  # running from here
     for slot, sequence in enumerate((older, newer)):
         sequence.place(slot)
-        scheduler.start(sequence)
     assert scheduler.outgrowing() == []  # the next step writes position 60: block 1 of 1
 
     def produce(sequence: Sequence, tokens: int) -> None:  # all collected: the last one is fed by the next step
@@ -147,9 +143,24 @@ def test_sequences_grow_block_by_block_and_the_newest_is_preempted_when_none_is_
     assert scheduler.admissions() == []  # the newer one's 65 tokens need 2 blocks; 1 is free
     scheduler.release(older.slot)
     [admission] = scheduler.admissions()
-    assert admission.resumed is newer and len(admission.blocks) == 2
+    assert admission.sequence is newer and len(admission.blocks) == 2
     assert newer.place(admission.slot).input_ids.shape[1] == 60 + 5 and newer.cache_len == 65
-    loop.close()
+
+
+def test_a_request_crosses_to_the_engine_process_intact(tiny_checkpoint):
+    """What the API process builds (an image prompt's ids, token types, pixel values, grid) is what the engine gets."""
+    builder = PromptBuilder.from_folder(str(tiny_checkpoint), 28 * 28 * 4, 28 * 28 * 16)
+    prompt = builder.build([ChatTurn("user", (tongue_photo(), "舌象？"))])
+    request = GenerationRequest("chatcmpl-1", prompt, SamplingParams(max_new_tokens=5, stop=("。",), seed=3))
+    payload, frames = wire.encode_request(request)
+    incarnation, kind, received = wire.unpack(wire.pack(7, wire.ADD, payload))
+    assert (incarnation, kind) == (7, wire.ADD)
+    decoded = wire.decode_request(received, [b"", *(bytes(frame) for frame in frames)])
+    assert decoded.sampling == request.sampling and decoded.request_id == request.request_id
+    for name in ("input_ids", "mm_token_type_ids", "pixel_values", "image_grid_thw"):
+        sent, got = getattr(prompt, name), getattr(decoded.prompt, name)
+        assert got.dtype == sent.dtype and torch.equal(got, sent), name
+    assert decoded.prompt.image_token_id == prompt.image_token_id and decoded.prompt.num_image_tokens > 0
 
 
 def test_memory_planning_prefills_the_heaviest_prompt_images_included(tiny_checkpoint):

@@ -107,23 +107,19 @@ def test_oversized_body_is_413_declared_or_streamed(start_server):
         assert http.post("/v1/chat/completions", json={"messages": [USER], "max_tokens": 2}).status_code == 200
 
 
-def test_engine_failure_is_500_and_the_server_keeps_serving(server):
-    model = server.engine.loaded.model.model.language_model.embed_tokens  # every prefill and decode starts here
-    original = model.forward
-
-    def failing_once(*args, **kwargs):
-        model.forward = original
-        raise RuntimeError("simulated CUDA error")
-
+def test_engine_failure_is_500_and_the_server_keeps_serving(start_server, fault_once):
+    fail_prefill = fault_once("shizhen.engine.model_runner.ModelRunner.prefill", RuntimeError("simulated kernel failure"))
+    server = start_server()
     with server.client() as http:
-        model.forward = failing_once
+        fail_prefill.arm()
         error = _assert_error(http.post("/v1/chat/completions", json={"messages": [USER], "max_tokens": 4}), 500)
-        assert "simulated CUDA error" in error["message"]
-        model.forward = failing_once
+        assert "simulated kernel failure" in error["message"]
+        fail_prefill.arm()
         with http.stream("POST", "/v1/chat/completions", json={"messages": [USER], "stream": True}) as response:
             lines = [line for line in response.iter_lines() if line.startswith("data: ")]
         assert '"error"' in lines[-2] and lines[-1] == "data: [DONE]"
         assert http.post("/v1/chat/completions", json={"messages": [USER], "max_tokens": 4}).status_code == 200
+    assert server.engine.restarts == 0  # a request's own failure never costs the engine process
 
 
 def test_null_means_omitted_and_unknown_fields_are_logged(server, caplog):

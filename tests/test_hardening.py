@@ -12,11 +12,9 @@ import httpx
 import pytest
 from conftest import free_port, image_data_url, serve_cli, tongue_photo, wait_healthy
 
-from shizhen.engine.detokenizer import IncrementalDetokenizer
 from shizhen.engine.model_runner import ModelRunner
 from shizhen.engine.prompt import PromptBuilder
 from shizhen.engine.sampling import BatchSampler
-from shizhen.media import ImageIntake
 
 USER = {"role": "user", "content": "舌"}
 
@@ -65,7 +63,7 @@ def test_control_tokens_typed_by_a_user_are_refused_not_interpreted(server, text
             {"type": "text", "text": text}]}], "max_tokens": 2}, timeout=30)
         assert _error(with_photo, 400)["param"] == "messages[0].content[1]"
         assert http.post("/v1/chat/completions", json={"messages": [USER], "max_tokens": 2}).status_code == 200
-    assert server.app.state.in_flight == 0
+    assert server.context.activity.in_flight == 0
 
 
 def test_a_failure_while_building_the_prompt_ends_that_request_and_nothing_else(server, monkeypatch, caplog):
@@ -84,25 +82,25 @@ def test_a_failure_while_building_the_prompt_ends_that_request_and_nothing_else(
                                  timeout=10), 400)
         assert error["code"] == "invalid_prompt" and "StopIteration" in error["message"]
         assert http.post("/v1/chat/completions", json={"messages": [USER], "max_tokens": 2}).status_code == 200
-    assert server.app.state.in_flight == 0  # released: draining and the idle auto-stop see it ended
+    assert server.context.activity.in_flight == 0  # released: draining and the idle auto-stop see it ended
     assert any(getattr(r, "request_id", None) == "fails-1" and r.status == 400 for r in caplog.records)
 
 
-def _raise(*args, **kwargs):
-    raise RuntimeError("injected failure")
-
-
-@pytest.mark.parametrize(("target", "name", "status"), [
-    (ImageIntake, "load", 500), (PromptBuilder, "build", 400), (BatchSampler, "admit", 500),
-    (IncrementalDetokenizer, "push", 500)])
+@pytest.mark.parametrize(("target", "status"), [
+    ("shizhen.media.intake.ImageIntake.load", 500), ("shizhen.engine.prompt.PromptBuilder.build", 400),
+    ("shizhen.engine.sampling.BatchSampler.admit", 500),  # in the engine process
+    ("shizhen.engine.detokenizer.IncrementalDetokenizer.push", 500)])
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_failure_at_any_stage_answers_that_request_and_releases_it(server, monkeypatch, caplog, target, name,
+def test_a_failure_at_any_stage_answers_that_request_and_releases_it(start_server, fault_once, caplog, target,
                                                                      status, stream):
     """Image intake, prompt building, sampler set-up, detokenizing: the request gets an OpenAI error (in the stream
     once it started), its access-log line is written, and nothing stays counted as in flight (the drain on SIGTERM
     and the idle auto-stop wait on that count)."""
     caplog.set_level(logging.INFO, logger="shizhen.access")
-    monkeypatch.setattr(target, name, _raise)
+    fault = fault_once(target, RuntimeError("injected failure"))
+    server = start_server()
+    fault.arm()
+    name = target.rsplit(".", 1)[1]
     body = {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": image_data_url(tongue_photo())}},
         {"type": "text", "text": "舌"}]}], "max_tokens": 4, "stream": stream}
@@ -113,9 +111,8 @@ def test_a_failure_at_any_stage_answers_that_request_and_releases_it(server, mon
             assert data[-1] == "[DONE]" and json.loads(data[-2])["error"]["code"] == "engine_error"
         else:
             assert _error(response, status)["message"]
-        monkeypatch.undo()
         assert http.post("/v1/chat/completions", json={"messages": [USER], "max_tokens": 2}).status_code == 200
-    assert server.app.state.in_flight == 0
+    assert server.context.activity.in_flight == 0
     assert any(getattr(r, "request_id", None) == f"injected-{name}" for r in caplog.records)
 
 
@@ -133,11 +130,12 @@ def test_numbers_outside_what_the_engine_holds_are_refused_at_the_edge(server, f
         assert _error(response, 400)["param"] == field
 
 
-def test_a_request_that_fails_inside_a_batched_prefill_fails_alone(start_server, monkeypatch):
-    admit, batches = BatchSampler.admit, []
+def test_a_request_that_fails_inside_a_batched_prefill_fails_alone(start_server, monkeypatch, tmp_path):
+    admit, batches = BatchSampler.admit, tmp_path / "batches"  # a file: the engine process writes it
 
     def failing_for_seed_13(self, admissions):
-        batches.append(len(admissions))
+        with batches.open("a") as record:
+            record.write(f"{len(admissions)}\n")
         if any(entry.seed == 13 for entry in admissions):
             raise RuntimeError("sampler set-up failed")
         return admit(self, admissions)
@@ -153,7 +151,7 @@ def test_a_request_that_fails_inside_a_batched_prefill_fails_alone(start_server,
         results = _at_once(6, lambda i: http.post("/v1/chat/completions", json={
             "messages": [USER], "max_tokens": 3, "seed": 13 if i == 0 else 100 + i}))
         warm.join()
-    assert max(batches) > 1, "the requests should have been prefilled together"
+    assert max(map(int, batches.read_text().split())) > 1, "the requests should have been prefilled together"
     assert results[0].status_code == 500 and "sampler set-up failed" in results[0].json()["error"]["message"]
     assert [r.status_code for r in results[1:]] == [200] * 5
 

@@ -50,13 +50,13 @@ def test_health_answers_quickly_during_a_long_generation(server):
     with server.client() as http:
         worker = threading.Thread(target=lambda: http.post("/v1/chat/completions", json=LONG))
         worker.start()
-        _wait_until(lambda: server.engine.running == 1)
+        _wait_until(lambda: server.engine.stats.running == 1)
         timings = []
         for _ in range(10):
             started = time.perf_counter()
             assert http.get("/health").status_code == 200
             timings.append(time.perf_counter() - started)
-        assert server.engine.running == 1, "the generation should still be running"
+        assert server.engine.stats.running == 1, "the generation should still be running"
         assert max(timings) < 0.5, timings
         worker.join()
 
@@ -64,7 +64,7 @@ def test_health_answers_quickly_during_a_long_generation(server):
 def test_disconnect_stops_generation(server):
     longest = {"messages": [USER], "max_tokens": 3900, "ignore_eos": True}
     for stream in (False, True):
-        before = server.engine.tokens_generated
+        before = server.engine.stats.tokens_generated
         with httpx.Client(base_url=server.url, timeout=httpx.Timeout(30, read=0.3)) as http:
             try:
                 if stream:
@@ -74,8 +74,8 @@ def test_disconnect_stops_generation(server):
                     http.post("/v1/chat/completions", json=longest)
             except httpx.ReadTimeout:
                 pass
-        _wait_until(lambda: server.engine.running == 0, timeout=2.0)  # 3,900 tokens would take far longer
-        assert server.engine.tokens_generated - before < 3900
+        _wait_until(lambda: server.engine.stats.running == 0, timeout=2.0)  # 3,900 tokens would take far longer
+        assert server.engine.stats.tokens_generated - before < 3900
         started = time.perf_counter()
         with server.client() as http:
             assert http.post("/v1/chat/completions", json={"messages": [USER], "max_tokens": 2}).status_code == 200
@@ -103,7 +103,7 @@ def test_stream_sends_heartbeats_while_waiting(start_server):
     with server.client() as http:
         worker = threading.Thread(target=lambda: http.post("/v1/chat/completions", json=LONG))
         worker.start()
-        _wait_until(lambda: server.engine.running == 1)
+        _wait_until(lambda: server.engine.stats.running == 1)
         with http.stream("POST", "/v1/chat/completions", json={"messages": [USER], "max_tokens": 2,
                                                                "stream": True}) as response:
             lines = [line for line in response.iter_lines() if line]

@@ -14,7 +14,7 @@ import time
 
 import httpx
 import pytest
-from conftest import free_port, image_data_url, serve_cli, tongue_photo, wait_healthy
+from conftest import children_of, free_port, image_data_url, is_running, serve_cli, tongue_photo, wait_healthy
 from prometheus_client.parser import text_string_to_metric_families
 
 USER = {"role": "user", "content": "舌"}
@@ -130,9 +130,9 @@ def test_request_timeout_ends_the_generation_and_says_so(start_server):
             lines = [line for line in stream.iter_lines() if line.startswith("data: ")]
         assert "request_timeout" in lines[-2] and lines[-1] == "data: [DONE]"
     deadline = time.monotonic() + 2
-    while server.engine.running and time.monotonic() < deadline:
+    while server.engine.stats.running and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert server.engine.running == 0
+    assert server.engine.stats.running == 0
 
 
 # --- real processes: a shared Redis, JSON logs, SIGTERM ----------------------------------------------------------
@@ -182,6 +182,7 @@ def test_sigterm_lets_the_stream_finish_then_exits_cleanly(tiny_checkpoint):
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(f"http://127.0.0.1:{port}", process)
+        [engine] = children_of(process.pid)
         assert httpx.get(f"{url}/v1/models", headers={"X-Request-ID": "probe-1"}).status_code == 200
         received = []
         with httpx.stream("POST", f"{url}/v1/chat/completions", timeout=60, headers={"X-Request-ID": "long-1"},
@@ -203,6 +204,7 @@ def test_sigterm_lets_the_stream_finish_then_exits_cleanly(tiny_checkpoint):
         if process.poll() is None:
             process.kill()
     assert process.returncode == 0, output[-2000:]
+    assert not is_running(engine), "the engine process stops with the server"
     records = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     assert len(records) == len(output.strip().splitlines())  # every line is JSON
     access = {r.get("request_id"): r for r in records if r["logger"] == "shizhen.access"}

@@ -86,7 +86,7 @@ def test_ping_is_the_worker_contract(start_server, tiny_checkpoint, tmp_path):
         release.set()
         server.wait_ready()
         assert http.get("/ping").status_code == 200
-        server.app.state.chat.draining = True
+        server.context.chat.draining = True
         assert http.get("/ping").status_code == 503  # draining: not 200, so no new traffic
 
 

@@ -13,7 +13,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 
 from shizhen.config import Settings
 from shizhen.store import StoreError, model_store
-from shizhen.tiny_checkpoint import RANDOM_MODEL_MARKER
+from shizhen.store import RANDOM_MODEL_MARKER
 
 REPO = "shizhen-tests/tiny-vl"
 

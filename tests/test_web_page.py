@@ -44,10 +44,11 @@ def open_page(browser):
         context.close()
 
 
-def _without_stop_tokens(server):
-    """Random weights may end an answer at once; these tests need answers that run on."""
-    server.engine.loaded.stop_token_ids = frozenset()
-    return server
+def _server_without_stop_tokens(start_server, monkeypatch):
+    """Random weights may end an answer at once; these tests need answers that run on. Patched before the server
+    starts, so its engine process (forked from this one) has it too."""
+    monkeypatch.setattr("shizhen.engine.loader._stop_token_ids", lambda generation_config, processor: frozenset())
+    return start_server()
 
 
 def _wait_ready(page):
@@ -61,8 +62,8 @@ def _ask(page, question: str, max_tokens: int = 300):
     page.click("#send")
 
 
-def test_question_streams_an_answer_that_grows(start_server, open_page):
-    server = _without_stop_tokens(start_server())
+def test_question_streams_an_answer_that_grows(start_server, monkeypatch, open_page):
+    server = _server_without_stop_tokens(start_server, monkeypatch)
     page = open_page(server.url)
     _wait_ready(page)
     page.evaluate("""() => { window.lengths = [];
@@ -107,20 +108,20 @@ def test_photo_only_sends_an_image_with_the_default_question(start_server, open_
     assert max(image.size) <= 1536 * 1.1 or image.width * image.height <= server.settings.image_max_pixels
 
 
-def test_stop_ends_generation_on_the_server(start_server, open_page):
-    server = _without_stop_tokens(start_server())
+def test_stop_ends_generation_on_the_server(start_server, monkeypatch, open_page):
+    server = _server_without_stop_tokens(start_server, monkeypatch)
     page = open_page(server.url)
     _wait_ready(page)
     _ask(page, "请详细说明", max_tokens=3900)
     page.wait_for_function("(document.querySelector('.msg.assistant .body')?.textContent.length || 0) > 20")
-    assert server.engine.running == 1
+    assert server.engine.stats.running == 1
     page.click("#stop")
     page.wait_for_selector(".msg.assistant .meta:has-text('stopped')", timeout=5000)
     deadline = time.monotonic() + 2.0  # the server notices the closed connection within a few steps
-    while server.engine.running and time.monotonic() < deadline:
+    while server.engine.stats.running and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert server.engine.running == 0
-    assert server.engine.tokens_generated < 3000
+    assert server.engine.stats.running == 0
+    assert server.engine.stats.tokens_generated < 3000
 
 
 def test_api_key_is_asked_for_until_entered(start_server, open_page):
@@ -167,8 +168,8 @@ def test_page_says_it_is_waking_the_model_while_a_serverless_worker_starts(serve
     assert context_page.is_enabled("#send")
 
 
-def test_screenshots_of_a_finished_consultation(start_server, open_page, tmp_path):
-    server = _without_stop_tokens(start_server())
+def test_screenshots_of_a_finished_consultation(start_server, monkeypatch, open_page, tmp_path):
+    server = _server_without_stop_tokens(start_server, monkeypatch)
     photo = tmp_path / "tongue.png"
     tongue_photo(800, 600).save(photo)
     ARTIFACTS.mkdir(exist_ok=True)

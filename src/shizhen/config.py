@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     prefill_token_budget: int = Field(
         8192, ge=16, description="Prompt tokens prefilled between two decode steps (at least one prompt)."
     )
+    engine_max_restarts: int = Field(
+        3, ge=0, description="Engine processes that may die in a row (a CUDA fault, killed) and be replaced before "
+                             "the engine counts as failed; one that served 10 minutes resets the count.")
 
     # --- the model store (hub downloads) ---------------------------------------------------------------------------
     hf_endpoint: str | None = Field(

@@ -26,6 +26,7 @@ from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
+RANDOM_MODEL_MARKER = "SHIZHEN_TINY_RANDOM_MODEL"  # a file in the folder: the server labels such a model random
 
 # Only what the server loads: config, tokenizer and processor files, chat template, safetensors weights.
 NEEDED_FILES = ("*.json", "*.safetensors", "*.jinja", "*.txt", "*.model")
@@ -208,6 +209,10 @@ class ModelStore:
         if not self.manifest_path.exists():
             return None
         return json.loads(self.manifest_path.read_text())
+
+
+def is_random_test_model(model_source: str) -> bool:
+    return (Path(model_source) / RANDOM_MODEL_MARKER).exists()
 
 
 def model_folder(source: str) -> Path | None:

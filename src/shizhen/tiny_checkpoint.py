@@ -22,6 +22,8 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
+from .store import RANDOM_MODEL_MARKER
+
 # Qwen2's added tokens, in Qwen's order (their ids follow the BPE vocabulary, as in the real tokenizer).
 QWEN_SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -68,13 +70,6 @@ _TRAINING_TEXT = (
     "coating is normal; a red tongue with a yellow coating suggests heat; a pale tongue suggests cold or "
     "deficiency. The quick brown fox jumps over the lazy dog. 0123456789 ,.;:!?()[]{}<>-_=+*/\\'\"\n"
 )
-
-RANDOM_MODEL_MARKER = "SHIZHEN_TINY_RANDOM_MODEL"  # a file in the folder: the server labels such a model random
-
-
-def is_random_test_model(model_source: str) -> bool:
-    return (Path(model_source) / RANDOM_MODEL_MARKER).exists()
-
 
 TINY_TEXT_SIZES = dict(
     hidden_size=64,

@@ -1,11 +1,10 @@
-"""The app factory. The engine is built in the lifespan and loads in the background, so `/live` and `/health`
-answer from the first second; tests build apps with their own settings."""
+"""The app factory. The engine process starts in the lifespan and loads in the background, so `/live` and
+`/health` answer from the first second; tests build apps with their own settings."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from contextlib import asynccontextmanager
 from functools import partial
 
@@ -14,17 +13,18 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from ..config import Settings
 from ..deploy.idle import PodAutoStop
-from ..engine.engine import Engine, EngineConfig
+from ..engine.client import EngineClient
+from ..engine.core import EngineConfig
 from ..engine.loader import load_model, require_gpu_if_expected
 from ..observability.metrics import ServerMetrics
 from ..observability.requests import RequestObserver
 from ..serving import ChatService
-from ..store import model_folder, model_store
-from ..tiny_checkpoint import is_random_test_model
+from ..store import is_random_test_model, model_folder, model_store
 from . import chat, health, models, page, tokenize, vision
 from . import metrics as metrics_routes
 from .auth import require_api_key
 from .body_limit import BodySizeLimit
+from .context import ServerContext
 from .errors import install_error_handlers
 from .openapi import install_openapi
 from .rate_limit import RateLimiter, enforce_rate_limit
@@ -35,51 +35,44 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings, model_source: str | None = None) -> FastAPI:
     """`model_source` is the folder or hub id to load (the demo passes its freshly built checkpoint)."""
     source = model_source or settings.model
+    metrics = ServerMetrics()
+    engine = EngineClient(partial(load_model_from_settings, source, settings), engine_config(settings),
+                          max_restarts=settings.engine_max_restarts)
+    metrics.watch_engine(engine)
+    context = ServerContext(
+        settings=settings,
+        engine=engine,
+        chat=ChatService(settings, engine, metrics),
+        metrics=metrics,
+        rate_limiter=RateLimiter(settings.rate_limit, settings.rate_limit_storage_url) if settings.rate_limit else None,
+        random_test_model=is_random_test_model(source),
+        limits={
+            "max_images_per_request": settings.max_images_per_request,
+            "max_image_bytes": settings.max_image_bytes,
+            "image_min_pixels": settings.image_min_pixels,
+            "image_max_pixels": settings.image_max_pixels,
+            "max_context_length": settings.max_context_length,
+            "max_tokens_limit": settings.max_tokens_limit,
+            "max_request_bytes": settings.max_request_bytes,
+        },
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        engine = Engine(partial(load_model_from_settings, source, settings), engine_config(settings))
-        app.state.engine = engine
-        app.state.chat = ChatService(settings, engine, metrics)
-        metrics.watch_engine(
-            running=lambda: engine.running,
-            waiting=lambda: engine.waiting,
-            kv_usage=lambda: engine.kv_usage,
-            load_seconds=lambda: engine.load_seconds,
-            preemptions=lambda: engine.preemptions,
-        )
-        if app.state.random_test_model:
+        if context.random_test_model:
             log.warning("serving a RANDOM TEST MODEL from %s: its answers are gibberish", source)
-        engine.start()
-        auto_stop = PodAutoStop.for_this_pod(app.state, settings)
+        context.chat.start()
+        await engine.start()
+        auto_stop = PodAutoStop.for_this_pod(context.activity, settings)
         auto_stop_task = asyncio.create_task(auto_stop.run()) if auto_stop else None
         yield
         if auto_stop_task is not None:
             auto_stop_task.cancel()
-        engine.stop()
-        await app.state.chat.aclose()
+        await engine.stop()
+        await context.chat.aclose()
 
     app = FastAPI(title="ShizhenGPT API", version="0.1.0", lifespan=lifespan)
-    metrics = ServerMetrics()
-    app.state.metrics = metrics
-    app.state.rate_limiter = (
-        RateLimiter(settings.rate_limit, settings.rate_limit_storage_url) if settings.rate_limit else None
-    )
-    app.state.settings = settings
-    app.state.random_test_model = is_random_test_model(source)  # checked once: it cannot change while serving
-    app.state.started = time.monotonic()
-    app.state.in_flight = 0  # model requests being answered (RequestObserver counts them; draining waits on them)
-    app.state.last_activity = time.monotonic()  # when one last started or ended (the idle auto-stop reads it)
-    app.state.created = time.time()
-    app.state.limits = {
-        "max_images_per_request": settings.max_images_per_request,
-        "max_image_bytes": settings.max_image_bytes,
-        "image_min_pixels": settings.image_min_pixels,
-        "image_max_pixels": settings.image_max_pixels,
-        "max_context_length": settings.max_context_length,
-        "max_tokens_limit": settings.max_tokens_limit,
-        "max_request_bytes": settings.max_request_bytes,
-    }
+    app.state.context = context
     install_error_handlers(app)
     install_openapi(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
@@ -91,7 +84,7 @@ def create_app(settings: Settings, model_source: str | None = None) -> FastAPI:
         expose_headers=["Retry-After", "X-Request-ID", "x-ratelimit-limit-requests",
                         "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"],
     )
-    app.add_middleware(RequestObserver, metrics=metrics)
+    app.add_middleware(RequestObserver, metrics=metrics, activity=context.activity)
     app.include_router(health.router)
     app.include_router(page.router)
     metrics_guard = [Depends(require_api_key)] if settings.metrics_require_api_key else []

@@ -10,7 +10,7 @@ from ..errors import AuthenticationFailed
 
 
 def require_api_key(request: Request) -> None:
-    keys = request.app.state.settings.api_keys
+    keys = request.app.state.context.settings.api_keys
     if not keys:
         return
     scheme, _, presented = request.headers.get("authorization", "").partition(" ")

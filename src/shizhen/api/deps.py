@@ -1,4 +1,4 @@
-"""Dependencies shared by the routes: the chat service and settings, as built in the app's lifespan."""
+"""Dependencies shared by the routes: the server context, and the parts of it most routes need."""
 
 from __future__ import annotations
 
@@ -7,22 +7,28 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from ..config import Settings
-from ..engine.engine import Engine
+from ..engine.client import EngineClient
 from ..serving import ChatService
+from .context import ServerContext
+
+
+def server_context(request: Request) -> ServerContext:
+    return request.app.state.context
 
 
 def _chat(request: Request) -> ChatService:
-    return request.app.state.chat
+    return server_context(request).chat
 
 
 def _settings(request: Request) -> Settings:
-    return request.app.state.settings
+    return server_context(request).settings
 
 
-def _engine(request: Request) -> Engine:
-    return request.app.state.engine
+def _engine(request: Request) -> EngineClient:
+    return server_context(request).engine
 
 
+Context = Annotated[ServerContext, Depends(server_context)]
 Chat = Annotated[ChatService, Depends(_chat)]
 AppSettings = Annotated[Settings, Depends(_settings)]
-EngineDep = Annotated[Engine, Depends(_engine)]
+EngineDep = Annotated[EngineClient, Depends(_engine)]

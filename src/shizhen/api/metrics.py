@@ -11,4 +11,4 @@ router = APIRouter()
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
     """Counters, histograms and gauges for requests, tokens, latency, images, KV cache and GPU memory."""
-    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    return Response(request.app.state.context.metrics.render(), media_type=CONTENT_TYPE_LATEST)

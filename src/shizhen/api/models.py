@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 
 from ..protocol import ModelCard, ModelList
-from .deps import AppSettings, Chat
+from .context import ServerContext
+from .deps import Chat, Context
 
 router = APIRouter()
 
 
-def model_card(request: Request, settings: AppSettings) -> ModelCard:
-    random_model = request.app.state.random_test_model
+def model_card(context: ServerContext) -> ModelCard:
+    settings = context.settings
+    random_model = context.random_test_model
     return ModelCard(
         id=settings.model_name,
-        created=int(request.app.state.created),
+        created=int(context.created),
         owned_by="FreedomIntelligence" if not random_model else "shizhen-tests",
         root=settings.model,
         max_model_len=settings.max_context_length,
@@ -24,18 +26,18 @@ def model_card(request: Request, settings: AppSettings) -> ModelCard:
             if random_model
             else "ShizhenGPT, a Traditional Chinese Medicine vision-language model"
         ),
-        limits=request.app.state.limits,
+        limits=context.limits,
     )
 
 
 @router.get("/v1/models")
-async def list_models(request: Request, settings: AppSettings) -> ModelList:
+async def list_models(context: Context) -> ModelList:
     """The one model this server serves."""
-    return ModelList(data=[model_card(request, settings)])
+    return ModelList(data=[model_card(context)])
 
 
 @router.get("/v1/models/{model_id:path}")
-async def retrieve_model(model_id: str, request: Request, settings: AppSettings, chat: Chat) -> ModelCard:
+async def retrieve_model(model_id: str, context: Context, chat: Chat) -> ModelCard:
     """One model by id; 404 for any other."""
     chat.check_model(model_id)
-    return model_card(request, settings)
+    return model_card(context)

@@ -46,11 +46,12 @@ class RateLimiter:
 
 
 async def enforce_rate_limit(request: Request) -> None:
-    limiter: RateLimiter | None = request.app.state.rate_limiter
+    context = request.app.state.context
+    limiter: RateLimiter | None = context.rate_limiter
     if limiter is None:
         return
     scheme, _, key = request.headers.get("authorization", "").partition(" ")
-    if request.app.state.settings.api_keys and key:
+    if context.settings.api_keys and key:
         identity = "key:" + hashlib.sha256(key.strip().encode()).hexdigest()[:32]
     else:
         identity = "addr:" + (request.client.host if request.client else "unknown")

@@ -17,9 +17,9 @@ log = logging.getLogger(__name__)
 
 
 class PodAutoStop:
-    def __init__(self, state, idle_seconds: float | None, max_uptime_seconds: float | None, check_seconds: float,
+    def __init__(self, activity, idle_seconds: float | None, max_uptime_seconds: float | None, check_seconds: float,
                  stop_pod: Callable[[], None]):
-        self._state = state  # the app's state: in_flight and last_activity are kept by RequestObserver
+        self._activity = activity  # in_flight and last_activity, kept by RequestObserver
         self._idle_seconds = idle_seconds
         self._max_uptime_seconds = max_uptime_seconds
         self._check_seconds = check_seconds
@@ -27,7 +27,7 @@ class PodAutoStop:
         self._started = time.monotonic()
 
     @classmethod
-    def for_this_pod(cls, state, settings) -> PodAutoStop | None:
+    def for_this_pod(cls, activity, settings) -> PodAutoStop | None:
         """None when neither limit is set; a warning when they are set but this is not a RunPod pod."""
         if not (settings.idle_stop_seconds or settings.max_uptime_hours):
             return None
@@ -42,7 +42,7 @@ class PodAutoStop:
             RunPodClient().stop_pod(pod_id)
 
         max_uptime = settings.max_uptime_hours * 3600 if settings.max_uptime_hours else None
-        return cls(state, settings.idle_stop_seconds, max_uptime, settings.idle_check_seconds, stop_pod)
+        return cls(activity, settings.idle_stop_seconds, max_uptime, settings.idle_check_seconds, stop_pod)
 
     async def run(self) -> None:
         while True:
@@ -61,7 +61,7 @@ class PodAutoStop:
         now = time.monotonic()
         if self._max_uptime_seconds and now - self._started >= self._max_uptime_seconds:
             return f"it has been up {self._max_uptime_seconds / 3600:g} h (SHIZHEN_MAX_UPTIME_HOURS)"
-        idle_for = now - self._state.last_activity
-        if self._idle_seconds and self._state.in_flight == 0 and idle_for >= self._idle_seconds:
+        idle_for = now - self._activity.last_activity
+        if self._idle_seconds and self._activity.in_flight == 0 and idle_for >= self._idle_seconds:
             return f"no request for {idle_for:.0f} s (SHIZHEN_IDLE_STOP_SECONDS)"
         return None

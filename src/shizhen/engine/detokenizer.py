@@ -1,44 +1,40 @@
-"""Token ids → text deltas that are whole characters, with OpenAI `stop` strings cut out.
+"""Token ids → text deltas that are whole characters, with OpenAI `stop` strings cut out (in the API process).
 
 Byte-level BPE splits one Chinese character over several tokens; decoding token by token would emit U+FFFD halves.
-The offsets method (as in TGI and vLLM) re-decodes a short window and only releases text once it no longer ends in
-an incomplete character. Stop strings may span token boundaries, so the tail that could still begin a stop string
-is held back until it cannot.
+tokenizers' DecodeStream (the Rust incremental decoder vLLM uses for fast tokenizers) releases text only once its
+characters are complete, at a few microseconds a token. Stop strings may span token boundaries, so the tail that
+could still begin a stop string is held back until it cannot.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-_INCOMPLETE = "\ufffd"
+from tokenizers.decoders import DecodeStream
+
+from .request import GenerationOutput
 
 
-@dataclass
 class IncrementalDetokenizer:
-    tokenizer: object  # a transformers tokenizer
-    _ids: list[int] = field(default_factory=list)
-    _prefix_offset: int = 0
-    _read_offset: int = 0
+    def __init__(self, tokenizer):
+        """`tokenizer`: a transformers tokenizer backed by `tokenizers` (every one transformers 5 loads)."""
+        self._tokenizer = tokenizer
+        self._stream = DecodeStream(skip_special_tokens=True)
+        self._held: list[int] = []  # pushed since the last text: the start of a character not yet complete
 
     def push(self, token_id: int) -> str:
         """Add one token; return the text it completes (possibly empty)."""
-        self._ids.append(token_id)
-        prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
-        text = self._decode(self._ids[self._prefix_offset :])
-        if len(text) > len(prefix) and not text.endswith(_INCOMPLETE):
-            self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
-            return text[len(prefix) :]
-        return ""
+        text = self._stream.step(self._tokenizer.backend_tokenizer, token_id)
+        if text is None:
+            self._held.append(token_id)
+            return ""
+        self._held.clear()
+        return text
 
     def flush(self) -> str:
         """Whatever is still undecoded at the end, replacement characters included."""
-        prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
-        text = self._decode(self._ids[self._prefix_offset :])
-        self._prefix_offset = self._read_offset = len(self._ids)
-        return text[len(prefix) :]
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+        held, self._held = self._held, []
+        return self._tokenizer.decode(held, skip_special_tokens=True) if held else ""
 
 
 @dataclass
@@ -71,3 +67,36 @@ class StopStringMatcher:
     def flush(self) -> str:
         released, self._pending = self._pending, ""
         return released
+
+
+class TextAssembler:
+    """One request's tokens, as the engine hands them out in batches → outputs with whole-character text.
+
+    The engine ends a request with "stop" only on a stop token, which is the batch's last and is not text; it knows
+    nothing of stop strings: one found here ends the output ("stop"), and the caller aborts the engine's request.
+    """
+
+    def __init__(self, tokenizer, stop: tuple[str, ...]):
+        self._detokenizer = IncrementalDetokenizer(tokenizer)
+        self._stopper = StopStringMatcher(stop)
+        self.completion_tokens = 0
+
+    def feed(self, tokens: list[int], finish_reason: str | None) -> GenerationOutput:
+        text_tokens = tokens[:-1] if finish_reason == "stop" else tokens
+        pieces = []
+        for token in text_tokens:
+            self.completion_tokens += 1
+            text, hit_stop = self._stopper.feed(self._detokenizer.push(token))
+            pieces.append(text)
+            if hit_stop:
+                return GenerationOutput("".join(pieces), self.completion_tokens, "stop")
+        self.completion_tokens += len(tokens) - len(text_tokens)
+        if finish_reason is None:
+            return GenerationOutput("".join(pieces), self.completion_tokens)
+        tail, hit_stop = self._drain()
+        return GenerationOutput("".join(pieces) + tail, self.completion_tokens, "stop" if hit_stop else finish_reason)
+
+    def _drain(self) -> tuple[str, bool]:
+        """At the end: release all held-back text, still cutting at a stop string."""
+        text, hit_stop = self._stopper.feed(self._detokenizer.flush())
+        return (text, True) if hit_stop else (text + self._stopper.flush(), False)

@@ -50,6 +50,7 @@ class LoadedModel:
     dtype: torch.dtype
     stop_token_ids: frozenset[int]
     sampling_defaults: dict[str, float]
+    folder: str  # where it was loaded from: the API process loads the same processor from here
 
     @property
     def device(self) -> torch.device:
@@ -80,7 +81,8 @@ def load_model(
     )
     model.eval()
     config = model.generation_config
-    return LoadedModel(model, processor, torch_dtype, _stop_token_ids(config, processor), _sampling_defaults(config))
+    return LoadedModel(model, processor, torch_dtype, _stop_token_ids(config, processor), _sampling_defaults(config),
+                       source)
 
 
 def _stop_token_ids(generation_config: GenerationConfig, processor) -> frozenset[int]:

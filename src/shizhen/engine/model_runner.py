@@ -110,11 +110,13 @@ class ModelRunner:
         positions = torch.arange(longest, device=device).view(1, 1, -1).repeat(3, len(prompts), 1)
         deltas = []
         for row, prompt in enumerate(prompts):
-            ids = to_device(prompt.input_ids, device)
-            input_ids[row, : prompt.num_tokens] = ids[0]
-            row_positions, delta = self._prompt_positions(prompt, ids)
-            positions[:, row, : prompt.num_tokens] = row_positions[:, 0]
-            deltas.append(delta)
+            input_ids[row, : prompt.num_tokens] = to_device(prompt.input_ids, device)[0]
+            if prompt.image_grid_thw is not None:
+                row_positions, delta = self._image_prompt_positions(prompt)
+                positions[:, row, : prompt.num_tokens] = to_device(row_positions[:, 0].contiguous(), device)
+                deltas.append(delta)
+            else:
+                deltas.append(0)
         last = to_device(torch.tensor([prompt.num_tokens - 1 for prompt in prompts]), device)
         return self._text.prefill(kv, input_ids, positions, slots, last, self._vision_inputs(prompts)), deltas
 
@@ -128,18 +130,13 @@ class ModelRunner:
             "image_grid_thw": to_device(torch.cat([p.image_grid_thw for p in with_images]), device),
         }
 
-    def _prompt_positions(self, prompt: PromptInputs, input_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """(3, 1, prompt_len) rotary positions, and the offset text positions continue from after the prompt.
-
-        Computed here rather than by the model, whose fallback keeps `rope_deltas` as state shared by all requests.
-        """
-        if prompt.image_grid_thw is None:
-            return torch.arange(prompt.num_tokens, device=input_ids.device).view(1, 1, -1).expand(3, 1, -1), 0
+    def _image_prompt_positions(self, prompt: PromptInputs) -> tuple[torch.Tensor, int]:
+        """(3, 1, prompt_len) rotary positions of a prompt with images, and the offset text positions continue from
+        after it. Computed here rather than by the model, whose fallback keeps `rope_deltas` as state shared by all
+        requests, and on the host's copy of the prompt: reading the offset back from the GPU would wait for every
+        step queued before this prefill."""
         positions, deltas = self._model.model.get_rope_index(
-            input_ids,
-            mm_token_type_ids=prompt.mm_token_type_ids.to(input_ids.device),
-            image_grid_thw=prompt.image_grid_thw.to(input_ids.device),
-        )
+            prompt.input_ids, mm_token_type_ids=prompt.mm_token_type_ids, image_grid_thw=prompt.image_grid_thw)
         return positions, int(deltas.view(-1)[0])
 
     def release(self, slot: int) -> None:

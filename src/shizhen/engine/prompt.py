@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 
 import torch
 from PIL import Image
+from transformers import AutoProcessor
 
 Part = str | Image.Image
 
@@ -64,6 +65,14 @@ class PromptBuilder:
         # at least n / max_token_bytes tokens, which bounds a prompt's length before tokenizing it
         self.max_token_bytes = max(len(token) for token in tokenizer.get_vocab() if token not in added)
         self.min_image_tokens = image_min_pixels // (28 * 28)  # merged 28x28 patches of the smallest image
+
+    @classmethod
+    def from_folder(cls, folder: str, image_min_pixels: int, image_max_pixels: int) -> PromptBuilder:
+        return cls(AutoProcessor.from_pretrained(folder), image_min_pixels, image_max_pixels)
+
+    @property
+    def tokenizer(self):
+        return self._processor.tokenizer
 
     def control_token_in(self, text: str) -> str | None:
         """The first of the tokenizer's special tokens (`<|im_start|>`, `<|image_pad|>`, ...) that `text` contains:

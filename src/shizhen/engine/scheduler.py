@@ -17,18 +17,16 @@ from collections import deque
 from dataclasses import dataclass
 
 from .allocation import BLOCK_SIZE, LowestFirst, blocks_for
-from .request import RequestStream
 from .sequence import Sequence
 
 
 @dataclass(frozen=True)
 class Admission:
-    """A request to prefill now, into `slot` and `blocks`; `resumed` is a preempted sequence coming back."""
+    """A sequence to prefill now, into `slot` and `blocks` (a preempted one comes back the same way)."""
 
-    stream: RequestStream
+    sequence: Sequence
     slot: int
     blocks: list[int]
-    resumed: Sequence | None = None
 
 
 class Scheduler:
@@ -39,7 +37,7 @@ class Scheduler:
         self._watermark = max(1, self._blocks.total // 100)
         self._held: dict[int, list[int]] = {}  # slot → its blocks
         self._prefill_token_budget = prefill_token_budget
-        self.waiting: deque[RequestStream | Sequence] = deque()
+        self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}  # slot → sequence, in the order they started
 
     @property
@@ -50,20 +48,20 @@ class Scheduler:
     def kv_usage(self) -> float:
         return 1 - self._blocks.free / self._blocks.total
 
-    def add(self, stream: RequestStream) -> None:
-        self.waiting.append(stream)
+    def add(self, sequence: Sequence) -> None:
+        self.waiting.append(sequence)
+
+    def drop_waiting(self, sequence: Sequence) -> None:
+        self.waiting.remove(sequence)
 
     def admissions(self) -> list[Admission]:
-        """Pop the requests to prefill now, each with the slot and the KV blocks it gets."""
+        """Pop the sequences to prefill now, each with the slot and the KV blocks it gets; they count as running
+        from here."""
         admitted: list[Admission] = []
         longest = 0
         while self.waiting and self._slots.free:
-            entry = self.waiting[0]
-            stream = _stream(entry)
-            if stream.cancelled:
-                self.waiting.popleft()
-                continue
-            tokens = _prefill_tokens(entry)
+            sequence = self.waiting[0]
+            tokens = sequence.prompt_len + sequence.produced
             longest_with = max(longest, tokens)
             if admitted and longest_with * (len(admitted) + 1) > self._prefill_token_budget:
                 break
@@ -74,27 +72,22 @@ class Scheduler:
             self.waiting.popleft()
             [slot] = self._slots.allocate()
             self._held[slot] = self._blocks.allocate(needed)
-            admitted.append(Admission(stream, slot, self._held[slot], entry if isinstance(entry, Sequence) else None))
+            self.running[slot] = sequence
+            admitted.append(Admission(sequence, slot, self._held[slot]))
             longest = longest_with
         return admitted
-
-    def waiting_streams(self) -> list[RequestStream]:
-        return [_stream(entry) for entry in self.waiting]
 
     def is_running(self, sequence: Sequence) -> bool:
         """False once it finished, was cancelled or was preempted (its slot may hold another sequence later)."""
         return self.running.get(sequence.slot) is sequence
-
-    def start(self, sequence: Sequence) -> None:
-        self.running[sequence.slot] = sequence
 
     def release(self, slot: int) -> None:
         self.running.pop(slot, None)
         self._blocks.release(self._held.pop(slot))
         self._slots.release([slot])
 
-    def cancelled(self) -> list[Sequence]:
-        return [sequence for sequence in self.running.values() if sequence.stream.cancelled]
+    def aborted(self) -> list[Sequence]:
+        return [sequence for sequence in self.running.values() if sequence.aborted]
 
     def decode_batch(self) -> list[Sequence]:
         return sorted(self.running.values(), key=lambda sequence: sequence.slot)
@@ -123,12 +116,3 @@ class Scheduler:
         self.waiting.appendleft(sequence)
         return sequence
 
-
-def _stream(entry: RequestStream | Sequence) -> RequestStream:
-    return entry.stream if isinstance(entry, Sequence) else entry
-
-
-def _prefill_tokens(entry: RequestStream | Sequence) -> int:
-    if isinstance(entry, Sequence):
-        return entry.prompt_len + entry.produced
-    return entry.request.prompt.num_tokens

@@ -6,18 +6,22 @@ One registry per app, so several apps in one process (the tests) never share cou
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from ..engine.client import EngineClient
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 TOKEN_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5)
 
 
 class _CountedByEngine(Collector):
-    """A counter the engine keeps itself (an int on its thread), exposed as a Prometheus counter at scrape time."""
+    """A counter the engine keeps itself (reported with every step), exposed as a Prometheus counter at scrape
+    time."""
 
     def __init__(self, name: str, documentation: str, read: Callable[[], int]):
         self._name, self._documentation, self._read = name, documentation, read
@@ -29,6 +33,7 @@ class _CountedByEngine(Collector):
 class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._engine: EngineClient | None = None
         r = self.registry
         self.requests_running = Gauge("shizhen:num_requests_running", "Requests decoding on the GPU.", registry=r)
         self.requests_waiting = Gauge("shizhen:num_requests_waiting", "Requests queued for a KV slot.", registry=r)
@@ -55,18 +60,18 @@ class ServerMetrics:
         self.image_decode_seconds = Histogram("shizhen:image_decode_seconds", "Decode + orient + resize.",
                                               registry=r, buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
 
-    def watch_engine(self, running: Callable[[], int], waiting: Callable[[], int],
-                     kv_usage: Callable[[], float], load_seconds: Callable[[], float | None],
-                     preemptions: Callable[[], int]) -> None:
-        """Gauges and counters read from the engine at scrape time."""
-        self.requests_running.set_function(running)
-        self.requests_waiting.set_function(waiting)
-        self.kv_cache_usage.set_function(kv_usage)
-        self.model_load_seconds.set_function(lambda: load_seconds() or 0.0)
+    def watch_engine(self, engine: EngineClient) -> None:
+        """Gauges and counters read from the engine client (its last stats and info) at scrape time."""
+        self._engine = engine
+        self.requests_running.set_function(lambda: engine.stats.running)
+        self.requests_waiting.set_function(lambda: engine.stats.waiting)
+        self.kv_cache_usage.set_function(lambda: engine.stats.kv_usage)
+        self.model_load_seconds.set_function(lambda: engine.info.load_seconds if engine.info else 0.0)
         self.registry.register(_CountedByEngine("shizhen:num_preemptions", "Sequences preempted for KV-cache "
-                                                "blocks (they resume by recomputing).", preemptions))
+                                                "blocks (they resume by recomputing).",
+                                                lambda: engine.stats.preemptions))
 
     def render(self) -> bytes:
-        for index in range(torch.cuda.device_count()):
-            self.gpu_memory.labels(device=f"cuda:{index}").set(torch.cuda.memory_reserved(index))
+        for device, memory in (self._engine.stats.gpu_memory if self._engine else {}).items():
+            self.gpu_memory.labels(device=device).set(memory["reserved_gib"] * 1024**3)
         return generate_latest(self.registry)

@@ -12,10 +12,16 @@ import re
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .metrics import ServerMetrics
+
+
+class ActivityRecord(Protocol):
+    in_flight: int
+    last_activity: float
 
 log = logging.getLogger("shizhen.access")
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -47,9 +53,10 @@ class RequestObserver:
 
     QUIET_PATHS = frozenset({"/health", "/live", "/ping", "/metrics"})  # probes: counted, not logged
 
-    def __init__(self, app: ASGIApp, metrics: ServerMetrics):
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics, activity: ActivityRecord):
         self.app = app
         self.metrics = metrics
+        self.activity = activity  # model requests in flight: draining and the idle auto-stop read it
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -64,10 +71,10 @@ class RequestObserver:
         )
         token = current_request.set(record)
         counted = record.path.startswith("/v1/")
-        state = scope["app"].state
+        activity = self.activity
         if counted:
-            state.in_flight += 1
-            state.last_activity = time.monotonic()
+            activity.in_flight += 1
+            activity.last_activity = time.monotonic()
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -82,8 +89,8 @@ class RequestObserver:
             await self.app(scope, receive, send_with_id)
         finally:
             if counted:
-                state.in_flight -= 1
-                state.last_activity = time.monotonic()
+                activity.in_flight -= 1
+                activity.last_activity = time.monotonic()
             current_request.reset(token)
             record.total_ms = round((time.perf_counter() - record.started) * 1e3, 1)
             route = scope.get("route")

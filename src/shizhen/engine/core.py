@@ -1,0 +1,310 @@
+"""The engine core: owns the model, the KV cache and the scheduler, and runs every request in one continuously
+batched loop. No IO, no threads: the engine process (core_process.py) feeds it requests and aborts and sends what
+each step returns; benchmarks drive it directly.
+
+Each step plans (aborted sequences end, waiting ones are admitted), launches (their prefill, one more KV block for
+sequences that fill their last one, then one decode step for the whole batch) and collects the previous step's
+tokens while this one runs on the GPU. Decode feeds the sampled tokens back on the device, so the host's per-token
+work overlaps the next step instead of stalling it; a sequence that finished is simply dropped from the step already
+in flight. Preemption is decided in one place (`_make_room`), failure in one place (`_end` with an error, after
+`_recover`).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .allocation import BLOCK_SIZE
+from .loader import LoadedModel
+from .memory import plan_blocks
+from .model_runner import DecodeRow, ModelRunner
+from .prompt import PromptBuilder
+from .request import GenerationRequest
+from .sampling import BatchSampler, SlotHistory
+from .scheduler import Admission, Scheduler
+from .sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+# one request's share of a step's result: [request_id, new token ids, finish reason or None, error or None]
+Output = list
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_len: int  # prompt + completion tokens per sequence (the context length)
+    image_min_pixels: int  # images are resized into this range before the vision tower
+    image_max_pixels: int
+    max_num_seqs: int = 64
+    gpu_memory_utilization: float = 0.92
+    enforce_eager: bool = False  # no CUDA graphs: slower, but debuggable
+    kv_cache_tokens: int | None = None  # at most this much KV cache, whatever memory planning allows
+    prefill_token_budget: int = 8192  # prompt tokens prefilled between two decode steps (at least one prompt)
+
+
+class EngineCoreBroken(RuntimeError):
+    """A fault that leaves the device unusable (a CUDA error other than running out of memory): the engine process
+    must end, and a new one take over."""
+
+
+@dataclass
+class InFlightStep:
+    """A launched prefill or decode step: which sequences it sampled for and where their tokens land on the host."""
+
+    sequences: list[Sequence]
+    tokens: torch.Tensor  # host copy, filled asynchronously
+    done: torch.cuda.Event | None
+
+
+def _in_flight(sequences: list[Sequence], tokens: torch.Tensor) -> InFlightStep:
+    """Queue the copy of `tokens` (on the device) to the host and mark when it has landed."""
+    on_gpu = tokens.device.type == "cuda"
+    host = torch.empty(len(sequences), dtype=torch.long, pin_memory=on_gpu)
+    host.copy_(tokens, non_blocking=on_gpu)
+    done = torch.cuda.Event() if on_gpu else None
+    if done is not None:
+        done.record()
+    return InFlightStep(sequences, host, done)
+
+
+class EngineCore:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig,
+                 report_phase: Callable[[str], None] = lambda phase: None):
+        """Plans the KV cache into the memory the loaded model leaves and captures the decode graphs."""
+        self.loaded = loaded
+        self.config = config
+        report_phase("planning GPU memory for the KV cache")
+        slots = config.max_num_seqs
+        self._runner = ModelRunner(loaded, slots, config.max_len)
+        planning = PromptBuilder(loaded.processor, config.image_min_pixels, config.image_max_pixels)
+        self.kv_blocks = plan_blocks(self._runner, planning, config.max_len, slots, config.gpu_memory_utilization,
+                                     prefill_tokens=max(config.max_len, config.prefill_token_budget),
+                                     kv_cache_tokens=config.kv_cache_tokens)
+        self.cuda_graphs = loaded.device.type == "cuda" and not config.enforce_eager
+        report_phase("capturing CUDA graphs" if self.cuda_graphs else "allocating the KV cache")
+        self._runner.allocate_cache(self.kv_blocks, self.cuda_graphs)
+        self._sampler = BatchSampler(slots, loaded.vocab_size, loaded.device)
+        self._next_tokens = torch.zeros(slots, dtype=torch.long, device=loaded.device)  # per slot, on the device
+        self._scheduler = Scheduler(slots, self.kv_blocks, config.prefill_token_budget)
+        self._sequences: dict[str, Sequence] = {}  # every unfinished one, waiting or running
+        self._in_flight: list[InFlightStep] = []  # launched, not yet collected, in launch order
+        self._outbox: dict[str, Output] = {}  # what this step tells the API process, per request
+        self.tokens_generated = 0  # since start, all requests
+        self.preemptions = 0  # since start: sequences that gave their KV blocks back to be recomputed later
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return max(self.kv_blocks - 1, 0) * BLOCK_SIZE  # block 0 is scratch
+
+    def info(self) -> dict:
+        loaded = self.loaded
+        return {"device": str(loaded.device), "dtype": str(loaded.dtype).removeprefix("torch."),
+                "slots": self.config.max_num_seqs, "max_len": self.config.max_len,
+                "kv_capacity_tokens": self.kv_capacity_tokens, "cuda_graphs": self.cuda_graphs,
+                "sampling_defaults": loaded.sampling_defaults, "folder": loaded.folder}
+
+    def stats(self) -> dict:
+        scheduler = self._scheduler
+        return {"running": len(scheduler.running), "waiting": len(scheduler.waiting),
+                "kv_usage": round(scheduler.kv_usage, 4), "preemptions": self.preemptions,
+                "tokens_generated": self.tokens_generated}
+
+    @property
+    def has_work(self) -> bool:
+        return self._scheduler.has_work
+
+    # --- requests in ---------------------------------------------------------------------------------------------
+    def add(self, request: GenerationRequest) -> None:
+        needed = request.prompt.num_tokens + request.sampling.max_new_tokens
+        sampling = request.sampling
+        sequence = Sequence(request, frozenset() if sampling.ignore_eos else self.loaded.stop_token_ids,
+                            seed=sampling.seed if sampling.seed is not None else secrets.randbits(62))
+        if request.request_id in self._sequences:
+            self._output(sequence)[3] = f"request id {request.request_id} is already running"
+        elif needed > self.config.max_len:
+            self._output(sequence)[3] = f"{needed} tokens do not fit the engine's {self.config.max_len}-token sequences"
+        else:
+            self._sequences[request.request_id] = sequence
+            self._scheduler.add(sequence)
+
+    def abort(self, request_ids: list[str]) -> None:
+        """The API process gave up on these (client gone, stop string, timeout): no output follows. A waiting one
+        leaves the queue now; a running one at the start of the next step."""
+        for request_id in request_ids:
+            sequence = self._sequences.get(request_id)
+            if sequence is None:
+                continue
+            sequence.aborted = True
+            if not self._scheduler.is_running(sequence):
+                self._end(sequence)
+
+    # --- one step ------------------------------------------------------------------------------------------------
+    def step(self) -> list[Output]:
+        """Plan, launch, collect; returns what the step produced, per request. Raises EngineCoreBroken after a fault
+        that leaves the device unusable."""
+        scheduler = self._scheduler
+        for sequence in scheduler.aborted():
+            self._end(sequence)
+        if admitted := scheduler.admissions():
+            self._prefill_isolated(admitted)
+        try:
+            if scheduler.running:
+                self._grow_blocks()
+            if scheduler.running:
+                self._in_flight.append(self._launch_decode())
+            # the newest step stays queued on the GPU while the host hands out the tokens of the ones before it
+            # (a prefill's first tokens go out as soon as it is done, not one decode step later)
+            while len(self._in_flight) > 1:
+                self._collect(self._in_flight.pop(0))
+        except Exception as exc:
+            self._in_flight = []
+            self._recover(exc, "a decode step")
+            for sequence in list(scheduler.running.values()):
+                self._end(sequence, exc)
+        return self.take_outputs()
+
+    def take_outputs(self) -> list[Output]:
+        outputs, self._outbox = list(self._outbox.values()), {}
+        return outputs
+
+    def fail_all(self, reason: str) -> list[Output]:
+        """End every request with `reason` (shutdown); returns their outputs."""
+        for sequence in list(self._sequences.values()):
+            self._end(sequence, reason)
+        return self.take_outputs()
+
+    def _prefill_isolated(self, admitted: list[Admission]) -> None:
+        """Prefill the admissions together; if that fails, once more one by one, so that only a request that fails
+        on its own is failed (a failed prefill never takes running requests down either)."""
+        try:
+            self._in_flight.append(self._prefill(admitted))
+            return
+        except Exception as exc:
+            self._recover(exc, f"a prefill of {len(admitted)} requests")
+            if len(admitted) == 1:
+                self._end(admitted[0].sequence, exc)
+                return
+        for admission in admitted:
+            try:
+                self._in_flight.append(self._prefill([admission]))
+            except Exception as exc:
+                self._recover(exc, f"the prefill of request {admission.sequence.request_id} alone")
+                self._end(admission.sequence, exc)
+
+    def _prefill(self, admitted: list[Admission]) -> InFlightStep:
+        """Queue the prompts' prefill and first-token sampling; the new sequences join the decode batch at once
+        and their first tokens reach the host with the next collection. A preempted sequence coming back
+        prefills its prompt and the tokens it produced."""
+        sequences = [admission.sequence for admission in admitted]
+        prompts = [sequence.place(admission.slot) for sequence, admission in zip(sequences, admitted, strict=True)]
+        logits, rope_deltas = self._runner.prefill([(admission.slot, admission.blocks, prompt)
+                                                    for admission, prompt in zip(admitted, prompts, strict=True)])
+        rows = self._sampler.admit([SlotHistory(s.slot, s.request.sampling, s.seed, s.request.prompt.input_ids[0],
+                                                s.output_ids) for s in sequences])
+        sampled = self._sampler.sample(logits, [s.slot for s in sequences], rows)
+        self._next_tokens[rows] = sampled
+        for sequence, rope_delta in zip(sequences, rope_deltas, strict=True):
+            sequence.rope_delta = rope_delta
+        return _in_flight(sequences, sampled)
+
+    def _grow_blocks(self) -> None:
+        """One more KV block for each sequence whose next step writes past its blocks, making room when none is
+        free."""
+        scheduler = self._scheduler
+        grown = []
+        for sequence in scheduler.outgrowing():
+            while scheduler.is_running(sequence):
+                if (column_block := scheduler.grow(sequence)) is not None:
+                    grown.append((sequence, *column_block))
+                    break
+                self._make_room()
+        grown = [(s.slot, column, block) for s, column, block in grown if scheduler.is_running(s)]
+        if grown:
+            self._runner.extend_block_tables(grown)
+
+    def _make_room(self) -> None:
+        """The preemption policy: first collect the steps in flight (sequences they finish give blocks back), then
+        preempt the newest sequence."""
+        if self._in_flight:
+            for step in self._in_flight:
+                self._collect(step)
+            self._in_flight = []
+            return
+        sequence = self._scheduler.preempt_newest()  # nothing in flight: all its tokens are on the host
+        self._sampler.release(sequence.slot)
+        self._runner.release(sequence.slot)
+        self.preemptions += 1
+        # a warning for the first and every 100th (under sustained overload one per preemption would flood the log)
+        level = logging.WARNING if self.preemptions % 100 == 1 else logging.DEBUG
+        log.log(level, "KV cache full: request %s preempted after %d tokens; it resumes by recomputing them once "
+                "blocks are free (%d preemptions so far; fewer concurrent sequences or a larger cache avoid them)",
+                sequence.request_id, sequence.produced, self.preemptions)
+
+    def _launch_decode(self) -> InFlightStep:
+        """Queue one decode step and its sampling on the device; nothing here waits for the GPU."""
+        batch = self._scheduler.decode_batch()
+        rows = [DecodeRow(s.slot, s.next_position, s.cache_len) for s in batch]
+        logits, row_slots = self._runner.decode(rows, self._next_tokens)
+        tokens = self._sampler.sample(logits, [s.slot for s in batch], row_slots)
+        self._next_tokens[row_slots] = tokens
+        for sequence in batch:
+            sequence.sampled += 1
+        return _in_flight(batch, tokens)
+
+    def _collect(self, step: InFlightStep) -> None:
+        """Hand a finished step's tokens to their sequences; the engine's only wait for the GPU."""
+        if step.done is not None:
+            step.done.synchronize()
+        for sequence, token in zip(step.sequences, step.tokens.tolist(), strict=True):
+            if sequence.finished:  # finished or aborted while this step was in flight
+                continue
+            reason = sequence.accept(token)
+            self.tokens_generated += 1
+            output = self._output(sequence)
+            output[1].append(token)
+            if reason:
+                output[2] = reason
+                self._end(sequence)
+
+    def _output(self, sequence: Sequence) -> Output:
+        output = self._outbox.get(sequence.request_id)
+        if output is None:
+            output = self._outbox[sequence.request_id] = [sequence.request_id, [], None, None]
+        return output
+
+    def _end(self, sequence: Sequence, error: Exception | str | None = None) -> None:
+        """The one way out for a sequence: finished, aborted or failed (`error` tells the API process why)."""
+        sequence.finished = True
+        self._sequences.pop(sequence.request_id, None)
+        if error is not None and not sequence.aborted:
+            message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+            self._output(sequence)[3] = message
+        if self._scheduler.is_running(sequence):
+            self._sampler.release(sequence.slot)
+            self._runner.release(sequence.slot)
+            self._scheduler.release(sequence.slot)
+        elif sequence in self._scheduler.waiting:
+            self._scheduler.drop_waiting(sequence)
+
+    def _recover(self, exc: Exception, what: str) -> None:
+        """After a failed step: give cached blocks back so the next step can run (CUDA out of memory included); a
+        fault that breaks the device ends the engine instead."""
+        log.exception("%s failed", what)
+        if is_device_fault(exc):
+            raise EngineCoreBroken(f"{type(exc).__name__}: {exc}") from exc
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def is_device_fault(exc: Exception) -> bool:
+    """A CUDA error that is not running out of memory (an illegal address, a failed launch, ECC): every later
+    call on this context fails too."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    return (accelerator_error is not None and isinstance(exc, accelerator_error)) or "CUDA error" in str(exc)
