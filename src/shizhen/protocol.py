@@ -52,6 +52,7 @@ class ChatMessage(_Lenient):
 
 class StreamOptions(_Lenient):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: every chunk carries the usage so far
 
 
 class ChatCompletionRequest(_Lenient):
@@ -72,6 +73,11 @@ class ChatCompletionRequest(_Lenient):
     stream_options: StreamOptions | None = None
     user: str | None = None
     ignore_eos: bool = False  # vLLM's extension, for benchmarks
+    # vLLM's sampling extensions
+    min_tokens: int = Field(0, ge=0)  # no stop token nor stop string ends the answer before this many tokens
+    min_p: float = Field(0.0, ge=0.0, le=1.0)  # drop tokens less likely than min_p times the likeliest
+    stop_token_ids: list[int] = Field(default_factory=list, max_length=64)  # end at these too ("stop")
+    include_stop_str_in_output: bool = False  # the stop string that ended the answer stays in it
     logprobs: bool | None = None
     # accepted only as the no-op values: the features behind them are not implemented yet
     top_logprobs: int | None = None
@@ -157,6 +163,10 @@ class ChatCompletionRequest(_Lenient):
     @property
     def include_usage_chunk(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
 
 class TokenizeRequest(_Lenient):

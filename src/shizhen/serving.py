@@ -223,9 +223,17 @@ class ChatService:
                 param=param,
                 code="context_length_exceeded",
             )
+        max_new_tokens = requested if requested is not None else min(settings.default_max_tokens, room)
+        if body.min_tokens > max_new_tokens:
+            raise InvalidRequest(f"min_tokens ({body.min_tokens}) is more than the answer may have "
+                                 f"({max_new_tokens} tokens)", param="min_tokens")
+        vocab_size = self._engine.prompt_builder.vocab_size
+        if bad := [token for token in body.stop_token_ids if not 0 <= token < vocab_size]:
+            raise InvalidRequest(f"stop token id {bad[0]} is not in this model's vocabulary (0 to {vocab_size - 1})",
+                                 param="stop_token_ids")
         defaults = self._engine.info.sampling_defaults
         return SamplingParams(
-            max_new_tokens=requested if requested is not None else min(settings.default_max_tokens, room),
+            max_new_tokens=max_new_tokens,
             temperature=_pick(body.temperature, defaults, "temperature", 1.0),
             top_p=_pick(body.top_p, defaults, "top_p", 1.0),
             top_k=int(_pick(body.top_k, defaults, "top_k", 0)),
@@ -235,6 +243,10 @@ class ChatService:
             seed=body.seed,
             stop=tuple(body.stop),
             ignore_eos=body.ignore_eos,
+            min_tokens=body.min_tokens,
+            min_p=body.min_p,
+            stop_token_ids=tuple(body.stop_token_ids),
+            include_stop_str_in_output=body.include_stop_str_in_output,
         )
 
     # --- tokenizing (vLLM's /tokenize and /detokenize) --------------------------------------------------------------
@@ -282,22 +294,34 @@ class ChatService:
             usage=_usage(request, output.completion_tokens),
         )
 
-    async def stream(self, request: GenerationRequest, include_usage: bool) -> AsyncIterator[str]:
-        """SSE lines: role chunk, content deltas, finish chunk, optional usage chunk, `[DONE]`.
+    async def stream(self, request: GenerationRequest, include_usage: bool,
+                     continuous_usage: bool = False) -> AsyncIterator[str]:
+        """SSE lines: role chunk, content deltas, finish chunk, optional usage chunk, `[DONE]`. With
+        `continuous_usage` (vLLM's continuous_usage_stats, with include_usage) every chunk carries the usage so far.
 
         While no token is ready (queued, or a long prefill) a comment line keeps idle-timeout proxies from cutting
         the stream. Closing this generator (client gone) cancels the engine request.
         """
         created = now()
 
-        def chunk(delta: Delta, finish_reason: str | None = None, usage: Usage | None = None) -> str:
-            choices = [] if usage else [ChunkChoice(delta=delta, finish_reason=finish_reason)]
+        def chunk(delta: Delta | None, finish_reason: str | None = None, usage: Usage | None = None) -> str:
+            choices = [] if delta is None else [ChunkChoice(delta=delta, finish_reason=finish_reason)]
             return _sse(ChatCompletionChunk(id=request.request_id, created=created, model=self._settings.model_name,
                                             choices=choices, usage=usage))
 
-        content_chunk = ContentChunks(chunk(Delta(content=ContentChunks.SPLICE)))
+        continuous = include_usage and continuous_usage
 
-        yield chunk(Delta(role="assistant", content=""))
+        def so_far(completion_tokens: int) -> Usage | None:
+            return _usage(request, completion_tokens) if continuous else None
+
+        spliced = ContentChunks(chunk(Delta(content=ContentChunks.SPLICE)))
+
+        def content_chunk(output: GenerationOutput) -> str:
+            if continuous:
+                return chunk(Delta(content=output.text), usage=so_far(output.completion_tokens))
+            return spliced(output.text)
+
+        yield chunk(Delta(role="assistant", content=""), usage=so_far(0))
         try:
             async with aclosing(self._outputs(request, self._settings.stream_heartbeat_seconds)) as outputs:
                 async for output in outputs:
@@ -305,11 +329,11 @@ class ChatService:
                         yield ": keep-alive\n\n"
                         continue
                     if output.text:
-                        yield content_chunk(output.text)
+                        yield content_chunk(output)
                     if output.finish_reason:
-                        yield chunk(Delta(), output.finish_reason)
+                        yield chunk(Delta(), output.finish_reason, usage=so_far(output.completion_tokens))
                         if include_usage:
-                            yield chunk(Delta(), usage=_usage(request, output.completion_tokens))
+                            yield chunk(None, usage=_usage(request, output.completion_tokens))
         except (EngineFailure, ServingError) as exc:
             error = exc if isinstance(exc, ServingError) else _engine_error(exc)
             yield _sse(ErrorResponse(error=ErrorBody(message=error.message, type=error.error_type, code=error.code)))
@@ -346,13 +370,18 @@ class ChatService:
                     raise RequestTimedOut(f"the generation was stopped at the {timeout:g} s request timeout",
                                           code="request_timeout") from None
                 arrived_at = time.monotonic()
+                # an output carries every token since the last: one gap each, the time shared among them (those
+                # that came with the first token came with no gap)
+                new_tokens = output.completion_tokens - counted
                 if last is None:
                     metrics.time_to_first_token.observe(arrived_at - request.arrived)
                     if record is not None:
                         record.ttft_ms = round((arrived_at - request.arrived) * 1e3, 1)
-                elif new_tokens := output.completion_tokens - counted:
-                    for _ in range(new_tokens):  # an output carries every token since the last: one gap each
-                        metrics.inter_token_latency.observe((arrived_at - last) / new_tokens)
+                    gaps = [0.0] * (new_tokens - 1)
+                else:
+                    gaps = [(arrived_at - last) / new_tokens] * new_tokens
+                for gap in gaps:
+                    metrics.inter_token_latency.observe(gap)
                 last, counted = arrived_at, output.completion_tokens
                 if output.finish_reason:
                     self._finished(request, output, arrived_at)

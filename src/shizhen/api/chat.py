@@ -20,7 +20,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     prepared = await chat.prepare(body)
     if body.stream:
         return StreamingResponse(
-            chat.stream(prepared, body.include_usage_chunk), media_type="text/event-stream", headers=SSE_HEADERS
+            chat.stream(prepared, body.include_usage_chunk, body.continuous_usage), media_type="text/event-stream",
+            headers=SSE_HEADERS
         )
     return await unless_disconnected(request, chat.complete(prepared))
 

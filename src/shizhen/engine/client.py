@@ -268,7 +268,7 @@ class EngineClient:
         needed = request.prompt.num_tokens + request.sampling.max_new_tokens
         if needed > self.config.max_len:
             raise ValueError(f"{needed} tokens do not fit the engine's {self.config.max_len}-token sequences")
-        assembler = TextAssembler(self.prompt_builder.tokenizer, request.sampling.stop)
+        assembler = TextAssembler(self.prompt_builder.tokenizer, request.sampling)
         stream = RequestStream(request, assembler, self.abort)
         self._live[request.request_id] = stream
         payload, frames = wire.encode_request(request)

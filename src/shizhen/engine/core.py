@@ -122,7 +122,9 @@ class EngineCore:
     def add(self, request: GenerationRequest) -> None:
         needed = request.prompt.num_tokens + request.sampling.max_new_tokens
         sampling = request.sampling
-        sequence = Sequence(request, frozenset() if sampling.ignore_eos else self.loaded.stop_token_ids,
+        stop_token_ids = frozenset(sampling.stop_token_ids) | (frozenset() if sampling.ignore_eos
+                                                                 else self.loaded.stop_token_ids)
+        sequence = Sequence(request, stop_token_ids,
                             seed=sampling.seed if sampling.seed is not None else secrets.randbits(62))
         if request.request_id in self._sequences:
             self._output(sequence)[3] = f"request id {request.request_id} is already running"
@@ -206,7 +208,8 @@ class EngineCore:
                                                     for admission, prompt in zip(admitted, prompts, strict=True)])
         rows = self._sampler.admit([SlotHistory(s.slot, s.request.sampling, s.seed, s.request.prompt.input_ids[0],
                                                 s.output_ids) for s in sequences])
-        sampled = self._sampler.sample(logits, [s.slot for s in sequences], rows)
+        sampled = self._sampler.sample(logits, [s.slot for s in sequences], rows,
+                                       _banned([(s, s.produced) for s in sequences]))
         self._next_tokens[rows] = sampled
         for sequence, rope_delta in zip(sequences, rope_deltas, strict=True):
             sequence.rope_delta = rope_delta
@@ -250,7 +253,8 @@ class EngineCore:
         batch = self._scheduler.decode_batch()
         rows = [DecodeRow(s.slot, s.next_position, s.cache_len) for s in batch]
         logits, row_slots = self._runner.decode(rows, self._next_tokens)
-        tokens = self._sampler.sample(logits, [s.slot for s in batch], row_slots)
+        tokens = self._sampler.sample(logits, [s.slot for s in batch], row_slots,
+                                      _banned([(s, s.sampled) for s in batch]))
         self._next_tokens[row_slots] = tokens
         for sequence in batch:
             sequence.sampled += 1
@@ -299,6 +303,13 @@ class EngineCore:
             raise EngineCoreBroken(f"{type(exc).__name__}: {exc}") from exc
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _banned(rows: list[tuple[Sequence, int]]) -> list[tuple[int, int]]:
+    """(row, token id) pairs the sampler must not draw: a sequence's stop tokens while fewer than its min_tokens
+    came before the token being sampled. `rows`: each row's sequence and how many tokens precede its new one."""
+    return [(row, token) for row, (sequence, before) in enumerate(rows)
+            if before < sequence.request.sampling.min_tokens for token in sequence.stop_token_ids]
 
 
 def is_device_fault(exc: Exception) -> bool:

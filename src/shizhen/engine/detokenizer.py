@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from tokenizers.decoders import DecodeStream
 
 from .request import GenerationOutput
+from .sampling import SamplingParams
 
 
 class IncrementalDetokenizer:
@@ -42,14 +43,17 @@ class StopStringMatcher:
     """Releases text unless it might be the start of a stop string; reports when one is complete."""
 
     stops: tuple[str, ...]
+    include_stop: bool = False  # the stop string found is released too (vLLM's include_stop_str_in_output)
     _pending: str = ""
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Returns (text safe to release, whether a stop string was reached)."""
         self._pending += text
-        hits = [i for i in (self._pending.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, len(s)) for s in self.stops if (i := self._pending.find(s)) >= 0]
         if hits:
-            released, self._pending = self._pending[: min(hits)], ""
+            at, length = min(hits)
+            end = at + length if self.include_stop else at
+            released, self._pending = self._pending[:end], ""
             return released, True
         cut = len(self._pending) - self._longest_stop_prefix_at_end()
         released, self._pending = self._pending[:cut], self._pending[cut:]
@@ -76,9 +80,10 @@ class TextAssembler:
     nothing of stop strings: one found here ends the output ("stop"), and the caller aborts the engine's request.
     """
 
-    def __init__(self, tokenizer, stop: tuple[str, ...]):
+    def __init__(self, tokenizer, sampling: SamplingParams):
         self._detokenizer = IncrementalDetokenizer(tokenizer)
-        self._stopper = StopStringMatcher(stop)
+        self._stopper = StopStringMatcher(sampling.stop, sampling.include_stop_str_in_output)
+        self._min_tokens = sampling.min_tokens  # no stop string ends the text before this many tokens
         self.completion_tokens = 0
 
     def feed(self, tokens: list[int], finish_reason: str | None) -> GenerationOutput:
@@ -86,7 +91,11 @@ class TextAssembler:
         pieces = []
         for token in text_tokens:
             self.completion_tokens += 1
-            text, hit_stop = self._stopper.feed(self._detokenizer.push(token))
+            text = self._detokenizer.push(token)
+            if self.completion_tokens <= self._min_tokens:
+                pieces.append(text)
+                continue
+            text, hit_stop = self._stopper.feed(text)
             pieces.append(text)
             if hit_stop:
                 return GenerationOutput("".join(pieces), self.completion_tokens, "stop")

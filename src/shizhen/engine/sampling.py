@@ -26,6 +26,10 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    min_tokens: int = 0  # stop tokens cannot be sampled (nor stop strings end the text) before this many
+    min_p: float = 0.0
+    stop_token_ids: tuple[int, ...] = ()  # the request's own, besides the checkpoint's end-of-turn tokens
+    include_stop_str_in_output: bool = False
 
     @property
     def greedy(self) -> bool:
@@ -33,7 +37,7 @@ class SamplingParams:
 
     @property
     def truncates(self) -> bool:
-        return self.top_p < 1.0 or self.top_k > 0
+        return self.top_p < 1.0 or self.top_k > 0 or self.min_p > 0.0
 
 
 @dataclass(frozen=True)
@@ -72,9 +76,10 @@ class BatchSampler:
         self.vocab_size = vocab_size
         self._device = device
         # per-slot parameters, two tables so that admitting requests is two copies
-        self._floats = torch.zeros(slots, 5, dtype=torch.float32, device=device)
+        self._floats = torch.zeros(slots, 6, dtype=torch.float32, device=device)
         self._ints = torch.zeros(slots, 3, dtype=torch.int64, device=device)
-        self._temperature, self._top_p, self._repetition, self._presence, self._frequency = self._floats.unbind(1)
+        (self._temperature, self._top_p, self._repetition, self._presence, self._frequency,
+         self._min_p) = self._floats.unbind(1)
         self._top_k, self._seed, self._step = self._ints.unbind(1)
         self._counts = torch.zeros(slots, vocab_size, dtype=torch.float32, device=device)
         self._seen = torch.zeros(slots, vocab_size, dtype=torch.bool, device=device)
@@ -89,7 +94,7 @@ class BatchSampler:
             params = entry.params
             self._params[entry.slot] = params
             floats.append([params.temperature, params.top_p, params.repetition_penalty, params.presence_penalty,
-                           params.frequency_penalty])
+                           params.frequency_penalty, params.min_p])
             ints.append([params.top_k if params.top_k > 0 else self.vocab_size, entry.seed, len(entry.output_ids)])
         self._floats.index_copy_(0, rows, to_device(torch.tensor(floats, dtype=torch.float32), self._device))
         self._ints.index_copy_(0, rows, to_device(torch.tensor(ints), self._device))
@@ -114,11 +119,16 @@ class BatchSampler:
     def release(self, slot: int) -> None:
         self._params.pop(slot, None)
 
-    def sample(self, logits: torch.Tensor, slots: list[int], rows: torch.Tensor) -> torch.Tensor:
+    def sample(self, logits: torch.Tensor, slots: list[int], rows: torch.Tensor,
+               banned: list[tuple[int, int]] = ()) -> torch.Tensor:
         """logits [rows, ≥vocab] for `slots` (in that order; `rows`: the same on the device) → next token per row,
-        on the device, without waiting for the GPU."""
+        on the device, without waiting for the GPU. `banned`: (row, token id) pairs that cannot be drawn (stop
+        tokens before min_tokens)."""
         params = [self._params[slot] for slot in slots]
         logits = logits[:, : self.vocab_size].float()
+        if banned:
+            banned_rows, banned_ids = to_device(torch.tensor(banned, dtype=torch.long).T.contiguous(), self._device)
+            logits = logits.index_put((banned_rows, banned_ids), torch.tensor(float("-inf"), device=self._device))
         if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params):
             logits = self._penalised(logits, rows)
         tokens = torch.argmax(logits, dim=-1)
@@ -143,7 +153,10 @@ class BatchSampler:
         return logits - self._frequency[rows][:, None] * counts - self._presence[rows][:, None] * (counts > 0).float()
 
     def _truncated(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Top-k then top-p (nucleus), per row; the best token always survives."""
+        """Min-p, then top-k then top-p (nucleus), per row; the best token always survives."""
+        probs = torch.softmax(logits, dim=-1)
+        least = self._min_p[rows][:, None] * probs.max(dim=-1, keepdim=True).values
+        logits = logits.masked_fill(probs < least, float("-inf"))
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         rank = torch.arange(logits.shape[-1], device=logits.device)[None, :]
         drop = rank >= self._top_k[rows][:, None]

@@ -50,7 +50,7 @@ def decode_request(payload: dict, frames: list) -> GenerationRequest:
     known = {field.name for field in fields(SamplingParams)}
     if unknown := set(sampling) - known:
         raise ValueError(f"unknown sampling fields {sorted(unknown)}")
-    sampling["stop"] = tuple(sampling["stop"])
+    sampling = {name: tuple(value) if isinstance(value, list) else value for name, value in sampling.items()}
     prompt = payload["prompt"]
     return GenerationRequest(
         request_id=payload["request_id"],
