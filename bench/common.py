@@ -97,7 +97,7 @@ def run_core(core, requests: list, arrivals: list[float]) -> list[Timeline]:
             core.add(request)
         outputs = core.step() if core.has_work else core.take_outputs()
         now = time.perf_counter()
-        for request_id, tokens, finish_reason, error in outputs:
+        for request_id, tokens, finish_reason, error, _ in outputs:
             if error:
                 raise RuntimeError(f"{request_id}: {error}")
             timeline = timelines[request_id]

@@ -67,3 +67,28 @@ def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(server):
     assert all(chunk["usage"]["prompt_tokens"] > 0 for chunk in chunks)
     assert counts == sorted(counts) and counts[0] == 0 and counts[-1] == 6
     assert chunks[-1]["choices"] == [] and chunks[-2]["choices"][0]["finish_reason"] == "length"
+
+
+def test_logprobs_name_each_token_and_the_likeliest_in_openais_shape(server):
+    """Through the openai client: greedy, so each token is its own likeliest; the log-probabilities are the model's
+    (each at most 0, the likeliest sorted), streamed or not, and the same either way."""
+    client = server.openai()
+    plain = client.chat.completions.create(model=server.settings.model_name, messages=[USER], max_tokens=6,
+                                           temperature=0, logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})
+    content = plain.choices[0].logprobs.content
+    assert len(content) == plain.usage.completion_tokens == 6
+    text = b"".join(bytes(entry.bytes) for entry in content).decode(errors="replace")  # random weights: stray bytes
+    assert text == plain.choices[0].message.content
+    for entry in content:
+        assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
+        assert entry.top_logprobs[0].token == entry.token and entry.top_logprobs[0].logprob == entry.logprob
+        assert [top.logprob for top in entry.top_logprobs] == sorted((top.logprob for top in entry.top_logprobs),
+                                                                     reverse=True)
+    stream = client.chat.completions.create(model=server.settings.model_name, messages=[USER], max_tokens=6,
+                                            temperature=0, logprobs=True, top_logprobs=3, stream=True,
+                                            extra_body={"ignore_eos": True})
+    streamed = [entry for chunk in stream for choice in chunk.choices if choice.logprobs
+                for entry in choice.logprobs.content]
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in content]
+    without = client.chat.completions.create(model=server.settings.model_name, messages=[USER], max_tokens=2)
+    assert without.choices[0].logprobs is None

@@ -20,6 +20,7 @@ _logged_ignored: set[str] = set()  # unknown request fields already logged (each
 
 INT32_MAX = 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_TOP_LOGPROBS = 20  # OpenAI's and vLLM's default limit
 
 
 class _Lenient(BaseModel):
@@ -79,8 +80,8 @@ class ChatCompletionRequest(_Lenient):
     stop_token_ids: list[int] = Field(default_factory=list, max_length=64)  # end at these too ("stop")
     include_stop_str_in_output: bool = False  # the stop string that ended the answer stays in it
     logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     # accepted only as the no-op values: the features behind them are not implemented yet
-    top_logprobs: int | None = None
     response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -101,7 +102,7 @@ class ChatCompletionRequest(_Lenient):
             log.warning("request fields this server does not implement, ignored: %s", ", ".join(sorted(new)))
         return self
 
-    @field_validator("top_logprobs", "tools", "logit_bias")
+    @field_validator("tools", "logit_bias")
     @classmethod
     def _not_implemented(cls, value: object, info: ValidationInfo) -> object:
         """Only their empty values are accepted: anything else would be dropped without a word."""
@@ -138,12 +139,12 @@ class ChatCompletionRequest(_Lenient):
             raise ValueError("only n=1 is supported: send several requests for several answers")
         return n
 
-    @field_validator("logprobs")
+    @field_validator("top_logprobs")
     @classmethod
-    def _no_logprobs(cls, logprobs: bool | None) -> bool | None:
-        if logprobs:
-            raise ValueError("logprobs are not supported by this server")
-        return logprobs
+    def _top_logprobs_need_logprobs(cls, top: int | None, info: ValidationInfo) -> int | None:
+        if top and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return top
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -163,6 +164,11 @@ class ChatCompletionRequest(_Lenient):
     @property
     def include_usage_chunk(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def logprobs_asked(self) -> int | None:
+        """The engine's `logprobs`: None for none, else how many of the likeliest tokens to list with each."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def continuous_usage(self) -> bool:
@@ -222,11 +228,25 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
 class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: Literal["stop", "length"] | None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -252,7 +272,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

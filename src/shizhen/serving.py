@@ -40,6 +40,7 @@ from .protocol import (
     ChatCompletionRequest,
     ChatMessage,
     Choice,
+    ChoiceLogprobs,
     ChunkChoice,
     Delta,
     DetokenizeRequest,
@@ -48,6 +49,8 @@ from .protocol import (
     ErrorResponse,
     ImagePart,
     TokenizeRequest,
+    TokenLogprob,
+    TopLogprob,
     TokenizeResponse,
     Usage,
     completion_id,
@@ -247,6 +250,7 @@ class ChatService:
             min_p=body.min_p,
             stop_token_ids=tuple(body.stop_token_ids),
             include_stop_str_in_output=body.include_stop_str_in_output,
+            logprobs=body.logprobs_asked,
         )
 
     # --- tokenizing (vLLM's /tokenize and /detokenize) --------------------------------------------------------------
@@ -280,19 +284,36 @@ class ChatService:
     async def complete(self, request: GenerationRequest) -> ChatCompletion:
         """Run to the end and answer in one `chat.completion`."""
         texts: list[str] = []
+        logprobs: list = []
         try:
             async with aclosing(self._outputs(request)) as outputs:
                 async for output in outputs:
                     texts.append(output.text)
+                    logprobs += output.logprobs or []
         except EngineFailure as exc:
             raise _engine_error(exc) from exc
         return ChatCompletion(
             id=request.request_id,
             created=now(),
             model=self._settings.model_name,
-            choices=[Choice(message=AssistantMessage(content="".join(texts)), finish_reason=output.finish_reason)],
+            choices=[Choice(message=AssistantMessage(content="".join(texts)), finish_reason=output.finish_reason,
+                            logprobs=self._logprobs(request, logprobs))],
             usage=_usage(request, output.completion_tokens),
         )
+
+    def _logprobs(self, request: GenerationRequest, entries: list) -> ChoiceLogprobs | None:
+        """The engine's (token, logprob, likeliest) entries in OpenAI's shape, where the request asked for them."""
+        if request.sampling.logprobs is None:
+            return None
+        piece = self._engine.prompt_builder.token_piece
+
+        def named(token: int, logprob: float) -> dict:
+            text, data = piece(token)
+            return {"token": text, "logprob": logprob, "bytes": data}
+
+        return ChoiceLogprobs(content=[
+            TokenLogprob(**named(token, logprob), top_logprobs=[TopLogprob(**named(*top)) for top in likeliest])
+            for token, logprob, likeliest in entries])
 
     async def stream(self, request: GenerationRequest, include_usage: bool,
                      continuous_usage: bool = False) -> AsyncIterator[str]:
@@ -304,8 +325,10 @@ class ChatService:
         """
         created = now()
 
-        def chunk(delta: Delta | None, finish_reason: str | None = None, usage: Usage | None = None) -> str:
-            choices = [] if delta is None else [ChunkChoice(delta=delta, finish_reason=finish_reason)]
+        def chunk(delta: Delta | None, finish_reason: str | None = None, usage: Usage | None = None,
+                  logprobs: ChoiceLogprobs | None = None) -> str:
+            choices = [] if delta is None else [ChunkChoice(delta=delta, finish_reason=finish_reason,
+                                                            logprobs=logprobs)]
             return _sse(ChatCompletionChunk(id=request.request_id, created=created, model=self._settings.model_name,
                                             choices=choices, usage=usage))
 
@@ -317,8 +340,9 @@ class ChatService:
         spliced = ContentChunks(chunk(Delta(content=ContentChunks.SPLICE)))
 
         def content_chunk(output: GenerationOutput) -> str:
-            if continuous:
-                return chunk(Delta(content=output.text), usage=so_far(output.completion_tokens))
+            if continuous or output.logprobs is not None:
+                return chunk(Delta(content=output.text), usage=so_far(output.completion_tokens),
+                             logprobs=self._logprobs(request, output.logprobs or []))
             return spliced(output.text)
 
         yield chunk(Delta(role="assistant", content=""), usage=so_far(0))
@@ -328,7 +352,7 @@ class ChatService:
                     if output is None:
                         yield ": keep-alive\n\n"
                         continue
-                    if output.text:
+                    if output.text or output.logprobs:
                         yield content_chunk(output)
                     if output.finish_reason:
                         yield chunk(Delta(), output.finish_reason, usage=so_far(output.completion_tokens))

@@ -86,16 +86,16 @@ class RequestStream:
         self.request = request
         self._assembler = assembler
         self._abort = abort
-        self._items: deque[tuple[list[int], str | None] | Exception] = deque()
+        self._items: deque[tuple[list[int], str | None, list | None] | Exception] = deque()
         self._arrived = asyncio.Event()
         self._engine_done = False  # the engine ended it, or was told to
         self.has_output = False
 
     # --- the engine's side -----------------------------------------------------------------------------------------
-    def put(self, tokens: list[int], finish_reason: str | None) -> None:
+    def put(self, tokens: list[int], finish_reason: str | None, logprobs: list | None = None) -> None:
         self.has_output = True
         self._engine_done = self._engine_done or finish_reason is not None
-        self._items.append((tokens, finish_reason))
+        self._items.append((tokens, finish_reason, logprobs))
         self._arrived.set()
 
     def fail(self, error: Exception) -> None:
@@ -113,6 +113,7 @@ class RequestStream:
                 self._arrived.clear()
                 await self._arrived.wait()
         tokens: list[int] = []
+        logprobs: list | None = None
         finish_reason = None
         while self._items and finish_reason is None:
             item = self._items[0]
@@ -124,8 +125,10 @@ class RequestStream:
             self._items.popleft()
             tokens += item[0]
             finish_reason = item[1]
+            if item[2] is not None:
+                logprobs = (logprobs or []) + item[2]
         try:
-            output = self._assembler.feed(tokens, finish_reason)
+            output = self._assembler.feed(tokens, finish_reason, logprobs)
         except Exception as exc:  # detokenizing: this request's own failure only
             log.exception("turning the tokens of request %s into text failed", self.request.request_id)
             self.cancel()
@@ -311,7 +314,7 @@ class EngineClient:
     async def _handle(self, kind: str, payload) -> None:
         if kind == wire.OUTPUTS:
             outputs, stats = payload
-            for request_id, tokens, finish_reason, error in outputs:
+            for request_id, tokens, finish_reason, error, logprobs in outputs:
                 stream = self._live.get(request_id)
                 if stream is None:
                     continue  # aborted meanwhile
@@ -319,7 +322,7 @@ class EngineClient:
                     del self._live[request_id]
                     stream.fail(EngineFailure(error))
                     continue
-                stream.put(tokens, finish_reason)
+                stream.put(tokens, finish_reason, logprobs)
                 if finish_reason is not None:
                     del self._live[request_id]
             self.stats = EngineStats(**stats)

@@ -31,7 +31,8 @@ from .sequence import Sequence
 
 log = logging.getLogger(__name__)
 
-# one request's share of a step's result: [request_id, new token ids, finish reason or None, error or None]
+# one request's share of a step's result: [request_id, new token ids, finish reason or None, error or None,
+# per new token [logprob, top ids, top logprobs] or None]
 Output = list
 
 
@@ -58,18 +59,25 @@ class InFlightStep:
 
     sequences: list[Sequence]
     tokens: torch.Tensor  # host copy, filled asynchronously
+    logprobs: torch.Tensor | None  # host copy of the sampler's token_logprobs, where a sequence asked for them
     done: torch.cuda.Event | None
 
 
-def _in_flight(sequences: list[Sequence], tokens: torch.Tensor) -> InFlightStep:
-    """Queue the copy of `tokens` (on the device) to the host and mark when it has landed."""
-    on_gpu = tokens.device.type == "cuda"
-    host = torch.empty(len(sequences), dtype=torch.long, pin_memory=on_gpu)
-    host.copy_(tokens, non_blocking=on_gpu)
-    done = torch.cuda.Event() if on_gpu else None
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    on_gpu = tensor.device.type == "cuda"
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=on_gpu)
+    host.copy_(tensor, non_blocking=on_gpu)
+    return host
+
+
+def _in_flight(sequences: list[Sequence], tokens: torch.Tensor, logprobs: torch.Tensor | None) -> InFlightStep:
+    """Queue the copies of `tokens` (and `logprobs`) to the host and mark when they have landed."""
+    host_tokens = _to_host(tokens)
+    host_logprobs = _to_host(logprobs) if logprobs is not None else None
+    done = torch.cuda.Event() if tokens.device.type == "cuda" else None
     if done is not None:
         done.record()
-    return InFlightStep(sequences, host, done)
+    return InFlightStep(sequences, host_tokens, host_logprobs, done)
 
 
 class EngineCore:
@@ -213,7 +221,7 @@ class EngineCore:
         self._next_tokens[rows] = sampled
         for sequence, rope_delta in zip(sequences, rope_deltas, strict=True):
             sequence.rope_delta = rope_delta
-        return _in_flight(sequences, sampled)
+        return _in_flight(sequences, sampled, self._logprobs(sequences, logits, sampled))
 
     def _grow_blocks(self) -> None:
         """One more KV block for each sequence whose next step writes past its blocks, making room when none is
@@ -258,19 +266,29 @@ class EngineCore:
         self._next_tokens[row_slots] = tokens
         for sequence in batch:
             sequence.sampled += 1
-        return _in_flight(batch, tokens)
+        return _in_flight(batch, tokens, self._logprobs(batch, logits, tokens))
+
+    def _logprobs(self, sequences: list[Sequence], logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor | None:
+        """The step's log-probabilities, for all its rows, if any of its sequences asked for them."""
+        asked = [s.request.sampling.logprobs for s in sequences if s.request.sampling.logprobs is not None]
+        return self._sampler.token_logprobs(logits, tokens, max(asked)) if asked else None
 
     def _collect(self, step: InFlightStep) -> None:
         """Hand a finished step's tokens to their sequences; the engine's only wait for the GPU."""
         if step.done is not None:
             step.done.synchronize()
-        for sequence, token in zip(step.sequences, step.tokens.tolist(), strict=True):
+        logprobs = step.logprobs.tolist() if step.logprobs is not None else None
+        for row, (sequence, token) in enumerate(zip(step.sequences, step.tokens.tolist(), strict=True)):
             if sequence.finished:  # finished or aborted while this step was in flight
                 continue
             reason = sequence.accept(token)
             self.tokens_generated += 1
             output = self._output(sequence)
             output[1].append(token)
+            if (top := sequence.request.sampling.logprobs) is not None:
+                values, width = logprobs[row], (len(logprobs[row]) - 1) // 2
+                output[4].append([values[0], [int(i) for i in values[1 : 1 + top]],
+                                  values[1 + width : 1 + width + top]])
             if reason:
                 output[2] = reason
                 self._end(sequence)
@@ -278,7 +296,8 @@ class EngineCore:
     def _output(self, sequence: Sequence) -> Output:
         output = self._outbox.get(sequence.request_id)
         if output is None:
-            output = self._outbox[sequence.request_id] = [sequence.request_id, [], None, None]
+            logprobs = [] if sequence.request.sampling.logprobs is not None else None
+            output = self._outbox[sequence.request_id] = [sequence.request_id, [], None, None, logprobs]
         return output
 
     def _end(self, sequence: Sequence, error: Exception | str | None = None) -> None:

@@ -86,10 +86,14 @@ class TextAssembler:
         self._min_tokens = sampling.min_tokens  # no stop string ends the text before this many tokens
         self.completion_tokens = 0
 
-    def feed(self, tokens: list[int], finish_reason: str | None) -> GenerationOutput:
+    def feed(self, tokens: list[int], finish_reason: str | None, logprobs: list | None = None) -> GenerationOutput:
+        """`logprobs`, where asked for: the engine's [logprob, top ids, top logprobs] per token; the output keeps
+        those of the tokens that made text (not a stop token's, nor any after a stop string)."""
         text_tokens = tokens[:-1] if finish_reason == "stop" else tokens
         pieces = []
-        for token in text_tokens:
+        used = len(text_tokens)
+        reason = finish_reason
+        for index, token in enumerate(text_tokens):
             self.completion_tokens += 1
             text = self._detokenizer.push(token)
             if self.completion_tokens <= self._min_tokens:
@@ -98,14 +102,25 @@ class TextAssembler:
             text, hit_stop = self._stopper.feed(text)
             pieces.append(text)
             if hit_stop:
-                return GenerationOutput("".join(pieces), self.completion_tokens, "stop")
-        self.completion_tokens += len(tokens) - len(text_tokens)
-        if finish_reason is None:
-            return GenerationOutput("".join(pieces), self.completion_tokens)
-        tail, hit_stop = self._drain()
-        return GenerationOutput("".join(pieces) + tail, self.completion_tokens, "stop" if hit_stop else finish_reason)
+                used, reason = index + 1, "stop"
+                break
+        else:
+            self.completion_tokens += len(tokens) - len(text_tokens)
+            if finish_reason is not None:
+                tail, hit_stop = self._drain()
+                pieces.append(tail)
+                reason = "stop" if hit_stop else finish_reason
+        return GenerationOutput("".join(pieces), self.completion_tokens, reason,
+                                _token_logprobs(tokens[:used], logprobs))
 
     def _drain(self) -> tuple[str, bool]:
         """At the end: release all held-back text, still cutting at a stop string."""
         text, hit_stop = self._stopper.feed(self._detokenizer.flush())
         return (text, True) if hit_stop else (text + self._stopper.flush(), False)
+
+
+def _token_logprobs(tokens: list[int], logprobs: list | None) -> list | None:
+    if logprobs is None:
+        return None
+    return [(token, logprob, list(zip(top_ids, top_logprobs, strict=True)))
+            for token, (logprob, top_ids, top_logprobs) in zip(tokens, logprobs)]

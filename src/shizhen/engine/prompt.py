@@ -7,7 +7,9 @@ from dataclasses import dataclass, replace
 
 import torch
 from PIL import Image
+from tokenizers import decoders
 from transformers import AutoProcessor
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 Part = str | Image.Image
 
@@ -65,6 +67,10 @@ class PromptBuilder:
         # at least n / max_token_bytes tokens, which bounds a prompt's length before tokenizing it
         self.max_token_bytes = max(len(token) for token in tokenizer.get_vocab() if token not in added)
         self.min_image_tokens = image_min_pixels // (28 * 28)  # merged 28x28 patches of the smallest image
+        self._token_pieces: dict[int, tuple[str, list[int]]] = {}
+        # byte-level BPE (Qwen's) writes each byte of a token as one character: this maps them back
+        byte_level = isinstance(tokenizer.backend_tokenizer.decoder, decoders.ByteLevel)
+        self._byte_of = {char: byte for byte, char in bytes_to_unicode().items()} if byte_level else None
 
     @classmethod
     def from_folder(cls, folder: str, image_min_pixels: int, image_max_pixels: int) -> PromptBuilder:
@@ -103,6 +109,21 @@ class PromptBuilder:
 
     def decode(self, token_ids: list[int]) -> str:
         return self._processor.tokenizer.decode(token_ids)
+
+    def token_piece(self, token_id: int) -> tuple[str, list[int]]:
+        """One token as text (part of a character decodes to U+FFFD) and its exact bytes (a character's parts
+        join up), as OpenAI's logprobs give them; cached, as logprobs name up to 21 tokens for each generated."""
+        piece = self._token_pieces.get(token_id)
+        if piece is None:
+            tokenizer = self._processor.tokenizer
+            text = tokenizer.decode([token_id])
+            raw = tokenizer.convert_ids_to_tokens(token_id) or ""
+            if self._byte_of is not None and all(char in self._byte_of for char in raw):
+                data = [self._byte_of[char] for char in raw]
+            else:
+                data = list(text.encode("utf-8"))
+            piece = self._token_pieces[token_id] = (text, data)
+        return piece
 
     def token_strings(self, token_ids: list[int]) -> list[str]:
         return self._processor.tokenizer.convert_ids_to_tokens(token_ids)

@@ -25,6 +25,8 @@ class GenerationOutput:
     text: str
     completion_tokens: int
     finish_reason: str | None = None  # "stop" | "length" once finished
+    # where asked for: per token of `text`, (token id, logprob, [(id, logprob) of the likeliest])
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
 
 
 class EngineFailure(Exception):

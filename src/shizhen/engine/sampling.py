@@ -30,6 +30,7 @@ class SamplingParams:
     min_p: float = 0.0
     stop_token_ids: tuple[int, ...] = ()  # the request's own, besides the checkpoint's end-of-turn tokens
     include_stop_str_in_output: bool = False
+    logprobs: int | None = None  # None: none; n: each token's log-probability and the n likeliest (0 to 20)
 
     @property
     def greedy(self) -> bool:
@@ -144,6 +145,17 @@ class BatchSampler:
         self._seen.index_put_((rows, tokens), torch.ones_like(tokens, dtype=torch.bool))
         self._step[rows] += 1
         return tokens
+
+    def token_logprobs(self, logits: torch.Tensor, tokens: torch.Tensor, top: int) -> torch.Tensor:
+        """[rows, 1 + 2 * top] on the device: each drawn token's log-probability under the model's own
+        distribution (before penalties, temperature and truncation, as vLLM reports by default), then the `top`
+        likeliest token ids (as floats: exact below 2**24) and their log-probabilities."""
+        logprobs = torch.log_softmax(logits[:, : self.vocab_size].float(), dim=-1)
+        drawn = logprobs.gather(1, tokens[:, None])
+        if not top:
+            return drawn
+        values, ids = logprobs.topk(top, dim=-1)
+        return torch.cat([drawn, ids.float(), values], dim=1)
 
     def _penalised(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         repetition = self._repetition[rows][:, None]
