@@ -31,6 +31,7 @@ def test_a_killed_engine_ends_its_streams_with_an_error_and_is_replaced(server):
                 if line.startswith("data: "):
                     data.append(line)
                 if len(data) == 5:
+                    generated = server.engine.stats.tokens_generated
                     os.kill(first_engine, signal.SIGKILL)
         assert data[-1] == "data: [DONE]"
         error = json.loads(data[-2].removeprefix("data: "))["error"]
@@ -42,6 +43,8 @@ def test_a_killed_engine_ends_its_streams_with_an_error_and_is_replaced(server):
         assert health["engine_restarts"] == 1 and server.engine.pid != first_engine
         answer = http.post("/v1/chat/completions", json={"messages": [USER], "max_tokens": 4})
         assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] >= 1
+    # the counters behind Prometheus' counters add up over engine processes instead of starting again
+    assert server.engine.stats.tokens_generated >= generated + answer.json()["usage"]["completion_tokens"]
 
 
 def test_a_device_fault_ends_the_engine_process_and_a_new_one_serves(start_server, fault_once):

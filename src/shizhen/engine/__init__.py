@@ -1,1 +1,2 @@
-"""The inference engine: loading, prompt building, sampling and the decode loop. Knows nothing of HTTP."""
+"""The inference engine: the step loop in its own process (core, core_process) and the API process's client; loading,
+prompt building, sampling. Knows nothing of HTTP."""

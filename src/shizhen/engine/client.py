@@ -69,8 +69,8 @@ class EngineStats:
     running: int = 0
     waiting: int = 0
     kv_usage: float = 0.0  # share of the KV cache held by running sequences (0-1)
-    preemptions: int = 0  # since the engine process started
-    tokens_generated: int = 0  # since the engine process started
+    preemptions: int = 0  # since the server started (every engine process's)
+    tokens_generated: int = 0  # since the server started
     gpu_memory: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
@@ -163,6 +163,7 @@ class EngineClient:
         self.stats = EngineStats()
         self.prompt_builder: PromptBuilder | None = None  # conversations → this model's inputs, loaded once
         self.restarts = 0  # engine processes replaced since start
+        self._counted_before = EngineStats()  # the counters of engine processes that ended: they add up
         self._ends_in_a_row = 0
         self._live: dict[str, RequestStream] = {}  # submitted, and not yet ended by the engine or aborted
         self._incarnation = 0
@@ -236,7 +237,8 @@ class EngineClient:
             return
         code = process.exitcode
         cause = f"exit code {code}" + (f": {self._last_failure}" if self._last_failure else "")
-        self.stats = EngineStats()
+        self._counted_before = self.stats = EngineStats(preemptions=self.stats.preemptions,
+                                                        tokens_generated=self.stats.tokens_generated)
         if self._ready_at is None:  # it never served: a start-up that fails would fail again
             self._fail_live(EngineFailure(f"the engine failed to start ({cause})"))
             if self.state is not EngineState.FAILED:
@@ -325,7 +327,9 @@ class EngineClient:
                 stream.put(tokens, finish_reason, logprobs)
                 if finish_reason is not None:
                     del self._live[request_id]
-            self.stats = EngineStats(**stats)
+            before = self._counted_before
+            self.stats = EngineStats(**stats | {"preemptions": stats["preemptions"] + before.preemptions,
+                                                "tokens_generated": stats["tokens_generated"] + before.tokens_generated})
         elif kind == wire.PHASE:
             self.phase = payload
         elif kind == wire.READY:
