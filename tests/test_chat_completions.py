@@ -6,7 +6,7 @@ from conftest import generate_greedy, image_data_url, tongue_photo
 from transformers import AutoProcessor
 
 from shizhen.protocol import ChatCompletionChunk, ChunkChoice, Delta
-from shizhen.serving import ContentChunks, _sse
+from shizhen.streaming import ContentChunks, sse
 
 
 def test_text_completion_has_openai_shape_and_real_usage(server):
@@ -185,7 +185,7 @@ def test_models_endpoints(server):
 def test_spliced_content_chunks_are_the_chunk_models_json():
     """The hot path's content chunks are spliced, not built: byte for byte what the chunk model would write."""
     def chunk(text: str) -> str:
-        return _sse(ChatCompletionChunk(id="chatcmpl-1", created=1, model="m",
+        return sse(ChatCompletionChunk(id="chatcmpl-1", created=1, model="m",
                                         choices=[ChunkChoice(delta=Delta(content=text))]))
 
     spliced = ContentChunks(chunk(ContentChunks.SPLICE))

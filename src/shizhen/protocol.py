@@ -56,11 +56,19 @@ class StreamOptions(_Lenient):
     continuous_usage_stats: bool = False  # vLLM's: every chunk carries the usage so far
 
 
-class ChatCompletionRequest(_Lenient):
-    messages: list[ChatMessage] = Field(min_length=1)
+def _only_empty(cls, value: object, info: ValidationInfo) -> object:
+    """For fields behind features not implemented yet: only their empty values are accepted, as anything else
+    would be dropped without a word."""
+    if value:
+        raise ValueError(f"{info.field_name} is not supported by this server yet")
+    return value
+
+
+class GenerationRequestFields(_Lenient):
+    """What chat and text completions share: sampling, stopping, streaming, and their checks."""
+
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1, le=INT32_MAX)
@@ -79,12 +87,7 @@ class ChatCompletionRequest(_Lenient):
     min_p: float = Field(0.0, ge=0.0, le=1.0)  # drop tokens less likely than min_p times the likeliest
     stop_token_ids: list[int] = Field(default_factory=list, max_length=64)  # end at these too ("stop")
     include_stop_str_in_output: bool = False  # the stop string that ended the answer stays in it
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    # accepted only as the no-op values: the features behind them are not implemented yet
-    response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    # accepted only as the no-op value: the feature behind it is not implemented yet
     logit_bias: dict[str, float] | None = None
 
     @model_validator(mode="before")
@@ -96,19 +99,73 @@ class ChatCompletionRequest(_Lenient):
         return data
 
     @model_validator(mode="after")
-    def _log_ignored_fields(self) -> ChatCompletionRequest:
+    def _log_ignored_fields(self):
         if new := set(self.model_extra or ()) - _logged_ignored:
             _logged_ignored.update(new)
             log.warning("request fields this server does not implement, ignored: %s", ", ".join(sorted(new)))
         return self
 
-    @field_validator("tools", "logit_bias")
+    _no_logit_bias = field_validator("logit_bias")(_only_empty)
+
+    @field_validator("stream_options")
     @classmethod
-    def _not_implemented(cls, value: object, info: ValidationInfo) -> object:
-        """Only their empty values are accepted: anything else would be dropped without a word."""
-        if value:
-            raise ValueError(f"{info.field_name} is not supported by this server yet")
+    def _only_when_streaming(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")
         return value
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, n: int) -> int:
+        if n != 1:
+            raise ValueError("only n=1 is supported: send several requests for several answers")
+        return n
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_strings(cls, stop: object) -> object:
+        """`stop` may be one string, a list of them, or null."""
+        stops = [stop] if isinstance(stop, str) else [] if stop is None else stop
+        if isinstance(stops, list) and len(stops) > 16:
+            raise ValueError("at most 16 stop strings")
+        if isinstance(stops, list) and any(s == "" for s in stops):
+            raise ValueError("stop strings must not be empty")
+        return stops
+
+    @property
+    def max_tokens_field(self) -> str:
+        """The field the answer's length limit came from, for errors."""
+        return "max_tokens"
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+    @property
+    def logprobs_asked(self) -> int | None:
+        """The engine's `logprobs`: None for none, else how many of the likeliest tokens to list with each."""
+        return None
+
+    @property
+    def include_usage_chunk(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
+
+
+class ChatCompletionRequest(GenerationRequestFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    # accepted only as the no-op values: the features behind them are not implemented yet
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+
+    _no_tools = field_validator("tools")(_only_empty)
 
     @field_validator("response_format")
     @classmethod
@@ -125,20 +182,6 @@ class ChatCompletionRequest(_Lenient):
             raise ValueError("tool_choice is not supported by this server yet")
         return value
 
-    @field_validator("stream_options")
-    @classmethod
-    def _only_when_streaming(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
-        if value is not None and not info.data.get("stream"):
-            raise ValueError("stream_options is only allowed when stream is true")
-        return value
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n=1 is supported: send several requests for several answers")
-        return n
-
     @field_validator("top_logprobs")
     @classmethod
     def _top_logprobs_need_logprobs(cls, top: int | None, info: ValidationInfo) -> int | None:
@@ -146,33 +189,51 @@ class ChatCompletionRequest(_Lenient):
             raise ValueError("top_logprobs needs logprobs: true")
         return top
 
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _stop_strings(cls, stop: object) -> object:
-        """`stop` may be one string, a list of them, or null."""
-        stops = [stop] if isinstance(stop, str) else [] if stop is None else stop
-        if isinstance(stops, list) and len(stops) > 16:
-            raise ValueError("at most 16 stop strings")
-        if isinstance(stops, list) and any(s == "" for s in stops):
-            raise ValueError("stop strings must not be empty")
-        return stops
+    @property
+    def max_tokens_field(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     @property
-    def include_usage_chunk(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
+    def logprobs_asked(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class CompletionRequest(GenerationRequestFields):
+    """The legacy text completion: a raw prompt (text, or token ids), no chat template."""
+
+    prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=5)  # the likeliest tokens listed with each (OpenAI's limit)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    _no_echo_or_suffix = field_validator("echo", "suffix")(_only_empty)
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, prompt: str | list) -> str | list[int]:
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise ValueError("one prompt per request: send several requests for several prompts")
+            prompt = prompt[0]
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        return prompt
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_one(cls, value: int | None) -> int | None:
+        if value not in (None, 1):
+            raise ValueError("only best_of=1 is supported")
+        return value
 
     @property
     def logprobs_asked(self) -> int | None:
-        """The engine's `logprobs`: None for none, else how many of the likeliest tokens to list with each."""
-        return (self.top_logprobs or 0) if self.logprobs else None
-
-    @property
-    def continuous_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.continuous_usage_stats)
+        return self.logprobs
 
 
 class TokenizeRequest(_Lenient):
@@ -247,6 +308,33 @@ class Choice(BaseModel):
     message: AssistantMessage
     finish_reason: Literal["stop", "length"] | None
     logprobs: ChoiceLogprobs | None = None
+
+
+class TextLogprobs(BaseModel):
+    """The legacy completions' logprobs: per token its text, log-probability, likeliest tokens and offset."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class TextChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: TextLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class TextCompletion(BaseModel):
+    """A `text_completion`: the whole answer, or (streamed) one chunk of it."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[TextChoice]
+    usage: Usage | None = None
 
 
 class ChatCompletion(BaseModel):

@@ -6,15 +6,13 @@ Knows nothing of FastAPI; every check that can refuse a request runs here, befor
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
+import uuid
 import weakref
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
-
-from pydantic import BaseModel
 
 from .config import Settings
 from .engine.client import EngineClient, EngineState, RequestStream
@@ -36,18 +34,20 @@ from .observability.requests import current_request
 from .protocol import (
     AssistantMessage,
     ChatCompletion,
-    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatMessage,
+    CompletionRequest,
+    GenerationRequestFields,
     Choice,
     ChoiceLogprobs,
-    ChunkChoice,
-    Delta,
     DetokenizeRequest,
     DetokenizeResponse,
     ErrorBody,
     ErrorResponse,
     ImagePart,
+    TextChoice,
+    TextCompletion,
+    TextLogprobs,
     TokenizeRequest,
     TokenLogprob,
     TopLogprob,
@@ -56,6 +56,7 @@ from .protocol import (
     completion_id,
     now,
 )
+from .streaming import ChatChunks, ChunkShape, TextChunks, sse, usage_of
 
 log = logging.getLogger(__name__)
 LOADING_RETRY_AFTER_S = 10
@@ -117,6 +118,39 @@ class ChatService:
         `image_param` and `text_param` name the fields images and text came from in errors, for endpoints whose
         body is not `messages`. Checks that need no tokenizing come first.
         """
+        async def chat_prompt() -> PromptInputs:
+            if self._settings.log_message_contents:
+                log.debug("request messages: %s", [m.model_dump() for m in body.messages])
+            self._check_sizes(body.messages)
+            return await self._build_prompt(await self._turns(body.messages, image_param, text_param))
+
+        return await self._admit(body, chat_prompt, "messages", completion_id())
+
+    async def prepare_text(self, body: CompletionRequest) -> GenerationRequest:
+        """A text completion's raw prompt: text through the tokenizer alone (special tokens are the caller's to
+        write), or token ids as they are."""
+        async def raw_prompt() -> PromptInputs:
+            builder = self._engine.prompt_builder
+            if isinstance(body.prompt, str):
+                if len(body.prompt.encode("utf-8", "surrogatepass")) // builder.max_token_bytes >= \
+                        self._settings.max_context_length:
+                    raise InvalidRequest(f"the prompt is more than this server's {self._settings.max_context_length}"
+                                         "-token context holds. Shorten it.", param="prompt",
+                                         code="context_length_exceeded")
+                self._plain_text_encoding(body.prompt, "prompt")
+                tokens = await self._loop.run_in_executor(self._prompt_threads, builder.encode, body.prompt)
+            else:
+                tokens = body.prompt
+                if bad := [token for token in tokens if not 0 <= token < builder.vocab_size]:
+                    raise InvalidRequest(f"token id {bad[0]} is not in this model's vocabulary (0 to "
+                                         f"{builder.vocab_size - 1})", param="prompt")
+            return builder.from_token_ids(tokens)
+
+        return await self._admit(body, raw_prompt, "prompt", f"cmpl-{uuid.uuid4().hex}")
+
+    async def _admit(self, body: GenerationRequestFields, build_prompt, prompt_param: str,
+                     request_id: str) -> GenerationRequest:
+        """What every generation request goes through: model, readiness, capacity, the prompt, sampling."""
         arrived = time.monotonic()
         self.check_model(body.model)
         self.require_ready()
@@ -124,17 +158,14 @@ class ChatService:
         if queued >= self._settings.max_waiting_requests:
             raise RateLimited(f"the server is at capacity ({queued} requests waiting); retry shortly",
                               code="server_overloaded", retry_after=2)
-        if self._settings.log_message_contents:
-            log.debug("request messages: %s", [m.model_dump() for m in body.messages])
         record = current_request.get()
         if record is not None:
             record.model = self._settings.model_name
         self._preparing += 1
         try:
-            self._check_sizes(body.messages)
-            turns = await self._turns(body.messages, image_param, text_param)
-            prompt = await self._build_prompt(turns)
-            request = GenerationRequest(completion_id(), prompt, self._sampling(body, prompt), arrived=arrived)
+            prompt = await build_prompt()
+            request = GenerationRequest(request_id, prompt, self._sampling(body, prompt, prompt_param),
+                                        arrived=arrived)
         finally:
             self._preparing -= 1
         self._unsubmitted.add(request.request_id)  # until submitted, or dropped unanswered (a vanished client)
@@ -198,6 +229,10 @@ class ChatService:
         if token := self._engine.prompt_builder.control_token_in(text):
             raise InvalidRequest(f"the text contains the control token {token!r}, which only the chat template may "
                                  "write; remove it", param=param, code="control_token_in_text")
+        return self._plain_text_encoding(text, param)
+
+    @staticmethod
+    def _plain_text_encoding(text: str, param: str) -> str:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as exc:
@@ -205,18 +240,18 @@ class ChatService:
                                  param=param) from None
         return text
 
-    def _sampling(self, body: ChatCompletionRequest, prompt: PromptInputs) -> SamplingParams:
+    def _sampling(self, body: GenerationRequestFields, prompt: PromptInputs, prompt_param: str) -> SamplingParams:
         settings = self._settings
         room = settings.max_context_length - prompt.num_tokens
         if room < 1:
             raise InvalidRequest(
                 f"the prompt is {prompt.num_tokens} tokens ({prompt.num_image_tokens} of them image tokens); "
-                f"this server's context holds {settings.max_context_length} tokens. Shorten the conversation.",
-                param="messages",
+                f"this server's context holds {settings.max_context_length} tokens. Shorten the {'conversation' if prompt_param == 'messages' else prompt_param}.",
+                param=prompt_param,
                 code="context_length_exceeded",
             )
         requested = body.requested_max_tokens
-        param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        param = body.max_tokens_field
         if requested is not None and requested > settings.max_tokens_limit:
             raise InvalidRequest(f"{param} is {requested}; at most {settings.max_tokens_limit}", param=param)
         if requested is not None and requested > room:
@@ -283,6 +318,30 @@ class ChatService:
     # --- answering -----------------------------------------------------------------------------------------------
     async def complete(self, request: GenerationRequest) -> ChatCompletion:
         """Run to the end and answer in one `chat.completion`."""
+        text, output, logprobs = await self._answer(request)
+        return ChatCompletion(
+            id=request.request_id,
+            created=now(),
+            model=self._settings.model_name,
+            choices=[Choice(message=AssistantMessage(content=text), finish_reason=output.finish_reason,
+                            logprobs=self.chat_logprobs(request, logprobs))],
+            usage=usage_of(request, output.completion_tokens),
+        )
+
+    async def complete_text(self, request: GenerationRequest) -> TextCompletion:
+        """Run to the end and answer in one `text_completion`."""
+        text, output, logprobs = await self._answer(request)
+        return TextCompletion(
+            id=request.request_id,
+            created=now(),
+            model=self._settings.model_name,
+            choices=[TextChoice(text=text, finish_reason=output.finish_reason,
+                                logprobs=self.text_logprobs(request, logprobs))],
+            usage=usage_of(request, output.completion_tokens),
+        )
+
+    async def _answer(self, request: GenerationRequest) -> tuple[str, GenerationOutput, list]:
+        """The whole text, the last output (finish reason, token count) and every token's logprobs entry."""
         texts: list[str] = []
         logprobs: list = []
         try:
@@ -292,60 +351,51 @@ class ChatService:
                     logprobs += output.logprobs or []
         except EngineFailure as exc:
             raise _engine_error(exc) from exc
-        return ChatCompletion(
-            id=request.request_id,
-            created=now(),
-            model=self._settings.model_name,
-            choices=[Choice(message=AssistantMessage(content="".join(texts)), finish_reason=output.finish_reason,
-                            logprobs=self._logprobs(request, logprobs))],
-            usage=_usage(request, output.completion_tokens),
-        )
+        return "".join(texts), output, logprobs
 
-    def _logprobs(self, request: GenerationRequest, entries: list) -> ChoiceLogprobs | None:
-        """The engine's (token, logprob, likeliest) entries in OpenAI's shape, where the request asked for them."""
+    def _named(self, token: int, logprob: float) -> dict:
+        text, data = self._engine.prompt_builder.token_piece(token)
+        return {"token": text, "logprob": logprob, "bytes": data}
+
+    def chat_logprobs(self, request: GenerationRequest, entries: list) -> ChoiceLogprobs | None:
+        """The engine's (token, logprob, likeliest) entries in OpenAI's chat shape, where the request asked."""
         if request.sampling.logprobs is None:
             return None
-        piece = self._engine.prompt_builder.token_piece
-
-        def named(token: int, logprob: float) -> dict:
-            text, data = piece(token)
-            return {"token": text, "logprob": logprob, "bytes": data}
-
+        named = self._named
         return ChoiceLogprobs(content=[
             TokenLogprob(**named(token, logprob), top_logprobs=[TopLogprob(**named(*top)) for top in likeliest])
             for token, logprob, likeliest in entries])
 
-    async def stream(self, request: GenerationRequest, include_usage: bool,
-                     continuous_usage: bool = False) -> AsyncIterator[str]:
-        """SSE lines: role chunk, content deltas, finish chunk, optional usage chunk, `[DONE]`. With
-        `continuous_usage` (vLLM's continuous_usage_stats, with include_usage) every chunk carries the usage so far.
+    def text_logprobs(self, request: GenerationRequest, entries: list, offset: int = 0) -> TextLogprobs | None:
+        """The same in the legacy completions' shape; `offset`: where these tokens' text starts in the answer."""
+        if request.sampling.logprobs is None:
+            return None
+        piece = self._engine.prompt_builder.token_piece
+        texts = [piece(token)[0] for token, _, _ in entries]
+        offsets = [offset + sum(map(len, texts[:i])) for i in range(len(texts))]
+        return TextLogprobs(tokens=texts, token_logprobs=[logprob for _, logprob, _ in entries],
+                            top_logprobs=[{piece(top)[0]: value for top, value in likeliest}
+                                          for _, _, likeliest in entries], text_offset=offsets)
+
+    def stream_chat(self, request: GenerationRequest, include_usage: bool,
+                    continuous_usage: bool = False) -> AsyncIterator[str]:
+        shape = ChatChunks(self, request, self._settings.model_name, include_usage and continuous_usage)
+        return self.stream(request, shape, include_usage)
+
+    def stream_text(self, request: GenerationRequest, include_usage: bool,
+                    continuous_usage: bool = False) -> AsyncIterator[str]:
+        shape = TextChunks(self, request, self._settings.model_name, include_usage and continuous_usage)
+        return self.stream(request, shape, include_usage)
+
+    async def stream(self, request: GenerationRequest, shape: ChunkShape, include_usage: bool) -> AsyncIterator[str]:
+        """SSE lines in `shape` (chat or text chunks): its opening, content deltas, the finish chunk, the usage
+        chunk if asked for, `[DONE]`; an error after the start comes as an error chunk before `[DONE]`.
 
         While no token is ready (queued, or a long prefill) a comment line keeps idle-timeout proxies from cutting
         the stream. Closing this generator (client gone) cancels the engine request.
         """
-        created = now()
-
-        def chunk(delta: Delta | None, finish_reason: str | None = None, usage: Usage | None = None,
-                  logprobs: ChoiceLogprobs | None = None) -> str:
-            choices = [] if delta is None else [ChunkChoice(delta=delta, finish_reason=finish_reason,
-                                                            logprobs=logprobs)]
-            return _sse(ChatCompletionChunk(id=request.request_id, created=created, model=self._settings.model_name,
-                                            choices=choices, usage=usage))
-
-        continuous = include_usage and continuous_usage
-
-        def so_far(completion_tokens: int) -> Usage | None:
-            return _usage(request, completion_tokens) if continuous else None
-
-        spliced = ContentChunks(chunk(Delta(content=ContentChunks.SPLICE)))
-
-        def content_chunk(output: GenerationOutput) -> str:
-            if continuous or output.logprobs is not None:
-                return chunk(Delta(content=output.text), usage=so_far(output.completion_tokens),
-                             logprobs=self._logprobs(request, output.logprobs or []))
-            return spliced(output.text)
-
-        yield chunk(Delta(role="assistant", content=""), usage=so_far(0))
+        for line in shape.opening():
+            yield line
         try:
             async with aclosing(self._outputs(request, self._settings.stream_heartbeat_seconds)) as outputs:
                 async for output in outputs:
@@ -353,14 +403,14 @@ class ChatService:
                         yield ": keep-alive\n\n"
                         continue
                     if output.text or output.logprobs:
-                        yield content_chunk(output)
+                        yield shape.content(output)
                     if output.finish_reason:
-                        yield chunk(Delta(), output.finish_reason, usage=so_far(output.completion_tokens))
+                        yield shape.finish(output)
                         if include_usage:
-                            yield chunk(None, usage=_usage(request, output.completion_tokens))
+                            yield shape.usage(output)
         except (EngineFailure, ServingError) as exc:
             error = exc if isinstance(exc, ServingError) else _engine_error(exc)
-            yield _sse(ErrorResponse(error=ErrorBody(message=error.message, type=error.error_type, code=error.code)))
+            yield sse(ErrorResponse(error=ErrorBody(message=error.message, type=error.error_type, code=error.code)))
         yield "data: [DONE]\n\n"
 
     async def _outputs(self, request: GenerationRequest, heartbeat: float | None = None):
@@ -459,29 +509,3 @@ def _pick(value: float | None, defaults: dict[str, float], name: str, fallback: 
     if value is not None:
         return value
     return defaults.get(name, fallback)
-
-
-def _usage(request: GenerationRequest, completion_tokens: int) -> Usage:
-    prompt_tokens = request.prompt.num_tokens
-    return Usage(
-        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
-    )
-
-
-class ContentChunks:
-    """A stream's content deltas — one per engine step per stream, the hot path of a busy server — as the JSON of
-    its chunk model with the text spliced in: the rest of the chunk never changes, and building and dumping the
-    model each time cost ten times more."""
-
-    SPLICE = "\x00content\x00"
-
-    def __init__(self, template: str):
-        """`template`: the SSE line of a content chunk whose content is SPLICE."""
-        self._before, self._after = template.split(json.dumps(self.SPLICE)[1:-1])
-
-    def __call__(self, text: str) -> str:
-        return self._before + json.dumps(text, ensure_ascii=False)[1:-1] + self._after
-
-
-def _sse(payload: BaseModel) -> str:
-    return f"data: {payload.model_dump_json()}\n\n"

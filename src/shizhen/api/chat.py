@@ -1,4 +1,4 @@
-"""`POST /v1/chat/completions`: a thin adapter from HTTP to the chat service."""
+"""`POST /v1/chat/completions` and `POST /v1/completions`: thin adapters from HTTP to the chat service."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from ..protocol import ChatCompletion, ChatCompletionRequest
+from ..protocol import ChatCompletion, ChatCompletionRequest, CompletionRequest, TextCompletion
 from .deps import Chat
 
 router = APIRouter()
@@ -20,10 +20,20 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     prepared = await chat.prepare(body)
     if body.stream:
         return StreamingResponse(
-            chat.stream(prepared, body.include_usage_chunk, body.continuous_usage), media_type="text/event-stream",
-            headers=SSE_HEADERS
+            chat.stream_chat(prepared, body.include_usage_chunk, body.continuous_usage),
+            media_type="text/event-stream", headers=SSE_HEADERS
         )
     return await unless_disconnected(request, chat.complete(prepared))
+
+
+@router.post("/v1/completions", response_model=None)
+async def create_completion(body: CompletionRequest, request: Request, chat: Chat) -> TextCompletion | None:
+    """Legacy text completions: a raw prompt (text or token ids, one per request), no chat template."""
+    prepared = await chat.prepare_text(body)
+    if body.stream:
+        return StreamingResponse(chat.stream_text(prepared, body.include_usage_chunk, body.continuous_usage),
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
+    return await unless_disconnected(request, chat.complete_text(prepared))
 
 
 async def unless_disconnected(request: Request, work) -> ChatCompletion | None:

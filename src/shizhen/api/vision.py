@@ -42,7 +42,7 @@ async def analyze_tongue_photo(request: Request, chat: Chat):
     )
     prepared = await chat.prepare(body, image_param="image", text_param="question")
     if vision.stream:
-        return StreamingResponse(chat.stream(prepared, include_usage=True), media_type="text/event-stream",
+        return StreamingResponse(chat.stream_chat(prepared, include_usage=True), media_type="text/event-stream",
                                  headers=SSE_HEADERS)
     completion = await unless_disconnected(request, chat.complete(prepared))
     if completion is None:

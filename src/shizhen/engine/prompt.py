@@ -103,6 +103,11 @@ class PromptBuilder:
             image_token_id=self._processor.image_token_id,
         )
 
+    @staticmethod
+    def from_token_ids(token_ids: list[int]) -> PromptInputs:
+        """A raw prompt (a text completion's): the tokens as they are, no template, no images."""
+        return PromptInputs(input_ids=torch.tensor([token_ids], dtype=torch.long))
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Plain text (not a conversation) → token ids, as the tokenizer reads it."""
         return self._processor.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
