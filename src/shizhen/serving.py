@@ -1,4 +1,5 @@
-"""The chat service: OpenAI chat requests in, engine requests through, OpenAI responses and SSE chunks out.
+"""The chat service: OpenAI chat and text completion requests in, engine requests through, OpenAI responses and
+SSE chunks out.
 
 Knows nothing of FastAPI; every check that can refuse a request runs here, before anything reaches the engine.
 """
