@@ -12,6 +12,7 @@ import time
 import uuid
 import weakref
 from collections.abc import AsyncIterator
+from itertools import accumulate
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 
@@ -57,7 +58,7 @@ from .protocol import (
     completion_id,
     now,
 )
-from .streaming import ChatChunks, ChunkShape, TextChunks, sse, usage_of
+from .streaming import ChunkShape, sse, usage_of
 
 log = logging.getLogger(__name__)
 LOADING_RETRY_AFTER_S = 10
@@ -141,10 +142,7 @@ class ChatService:
                 self._plain_text_encoding(body.prompt, "prompt")
                 tokens = await self._loop.run_in_executor(self._prompt_threads, builder.encode, body.prompt)
             else:
-                tokens = body.prompt
-                if bad := [token for token in tokens if not 0 <= token < builder.vocab_size]:
-                    raise InvalidRequest(f"token id {bad[0]} is not in this model's vocabulary (0 to "
-                                         f"{builder.vocab_size - 1})", param="prompt")
+                tokens = self._in_vocabulary(body.prompt, "prompt")
             return builder.from_token_ids(tokens)
 
         return await self._admit(body, raw_prompt, "prompt", f"cmpl-{uuid.uuid4().hex}")
@@ -247,7 +245,8 @@ class ChatService:
         if room < 1:
             raise InvalidRequest(
                 f"the prompt is {prompt.num_tokens} tokens ({prompt.num_image_tokens} of them image tokens); "
-                f"this server's context holds {settings.max_context_length} tokens. Shorten the {'conversation' if prompt_param == 'messages' else prompt_param}.",
+                f"this server's context holds {settings.max_context_length} tokens. Shorten the "
+                f"{'conversation' if prompt_param == 'messages' else prompt_param}.",
                 param=prompt_param,
                 code="context_length_exceeded",
             )
@@ -266,10 +265,7 @@ class ChatService:
         if body.min_tokens > max_new_tokens:
             raise InvalidRequest(f"min_tokens ({body.min_tokens}) is more than the answer may have "
                                  f"({max_new_tokens} tokens)", param="min_tokens")
-        vocab_size = self._engine.prompt_builder.vocab_size
-        if bad := [token for token in body.stop_token_ids if not 0 <= token < vocab_size]:
-            raise InvalidRequest(f"stop token id {bad[0]} is not in this model's vocabulary (0 to {vocab_size - 1})",
-                                 param="stop_token_ids")
+        self._in_vocabulary(body.stop_token_ids, "stop_token_ids")
         defaults = self._engine.info.sampling_defaults
         return SamplingParams(
             max_new_tokens=max_new_tokens,
@@ -310,11 +306,15 @@ class ChatService:
     def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
         self.check_model(body.model)
         self.require_ready()
-        builder = self._engine.prompt_builder
-        if bad := [token for token in body.tokens if not 0 <= token < builder.vocab_size]:
-            raise InvalidRequest(f"token id {bad[0]} is not in this model's vocabulary (0 to "
-                                 f"{builder.vocab_size - 1})", param="tokens")
-        return DetokenizeResponse(prompt=builder.decode(body.tokens))
+        return DetokenizeResponse(prompt=self._engine.prompt_builder.decode(self._in_vocabulary(body.tokens,
+                                                                                                "tokens")))
+
+    def _in_vocabulary(self, token_ids: list[int], param: str) -> list[int]:
+        vocab_size = self._engine.prompt_builder.vocab_size
+        if bad := [token for token in token_ids if not 0 <= token < vocab_size]:
+            raise InvalidRequest(f"token id {bad[0]} is not in this model's vocabulary (0 to {vocab_size - 1})",
+                                 param=param)
+        return token_ids
 
     # --- answering -----------------------------------------------------------------------------------------------
     async def complete(self, request: GenerationRequest) -> ChatCompletion:
@@ -373,29 +373,22 @@ class ChatService:
             return None
         piece = self._engine.prompt_builder.token_piece
         texts = [piece(token)[0] for token, _, _ in entries]
-        offsets = [offset + sum(map(len, texts[:i])) for i in range(len(texts))]
+        offsets = list(accumulate(map(len, texts[:-1]), initial=offset))[: len(texts)]
         return TextLogprobs(tokens=texts, token_logprobs=[logprob for _, logprob, _ in entries],
                             top_logprobs=[{piece(top)[0]: value for top, value in likeliest}
                                           for _, _, likeliest in entries], text_offset=offsets)
 
-    def stream_chat(self, request: GenerationRequest, include_usage: bool,
-                    continuous_usage: bool = False) -> AsyncIterator[str]:
-        shape = ChatChunks(self, request, self._settings.model_name, include_usage and continuous_usage)
-        return self.stream(request, shape, include_usage)
-
-    def stream_text(self, request: GenerationRequest, include_usage: bool,
-                    continuous_usage: bool = False) -> AsyncIterator[str]:
-        shape = TextChunks(self, request, self._settings.model_name, include_usage and continuous_usage)
-        return self.stream(request, shape, include_usage)
-
-    async def stream(self, request: GenerationRequest, shape: ChunkShape, include_usage: bool) -> AsyncIterator[str]:
-        """SSE lines in `shape` (chat or text chunks): its opening, content deltas, the finish chunk, the usage
-        chunk if asked for, `[DONE]`; an error after the start comes as an error chunk before `[DONE]`.
+    async def stream(self, request: GenerationRequest, shape: type[ChunkShape], include_usage: bool,
+                     continuous_usage: bool = False) -> AsyncIterator[str]:
+        """SSE lines in `shape` (ChatChunks or TextChunks): its opening, content deltas, the finish chunk, the
+        usage chunk if asked for, `[DONE]`; an error after the start comes as an error chunk before `[DONE]`.
+        `continuous_usage` (with include_usage): every chunk carries the usage so far.
 
         While no token is ready (queued, or a long prefill) a comment line keeps idle-timeout proxies from cutting
         the stream. Closing this generator (client gone) cancels the engine request.
         """
-        for line in shape.opening():
+        chunks = shape(self, request, self._settings.model_name, include_usage and continuous_usage)
+        for line in chunks.opening():
             yield line
         try:
             async with aclosing(self._outputs(request, self._settings.stream_heartbeat_seconds)) as outputs:
@@ -404,11 +397,11 @@ class ChatService:
                         yield ": keep-alive\n\n"
                         continue
                     if output.text or output.logprobs:
-                        yield shape.content(output)
+                        yield chunks.content(output)
                     if output.finish_reason:
-                        yield shape.finish(output)
+                        yield chunks.finish(output)
                         if include_usage:
-                            yield shape.usage(output)
+                            yield chunks.usage(output)
         except (EngineFailure, ServingError) as exc:
             error = exc if isinstance(exc, ServingError) else _engine_error(exc)
             yield sse(ErrorResponse(error=ErrorBody(message=error.message, type=error.error_type, code=error.code)))

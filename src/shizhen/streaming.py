@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
@@ -42,14 +42,9 @@ class ContentChunks:
         return self._before + json.dumps(text, ensure_ascii=False)[1:-1] + self._after
 
 
-class ChunkShape(Protocol):
-    def opening(self) -> list[str]: ...
-    def content(self, output: GenerationOutput) -> str: ...
-    def finish(self, output: GenerationOutput) -> str: ...
-    def usage(self, output: GenerationOutput) -> str: ...
+class ChunkShape(ABC):
+    """What each moment of a stream looks like: the opening lines, a content delta, the finish, the usage."""
 
-
-class _Shape(ABC):
     def __init__(self, service: ChatService, request: GenerationRequest, model: str, continuous_usage: bool):
         """`continuous_usage`: vLLM's continuous_usage_stats (with include_usage): every chunk carries the usage
         so far."""
@@ -58,6 +53,15 @@ class _Shape(ABC):
         self._model = model
         self._created = now()
         self._continuous = continuous_usage
+
+    @abstractmethod
+    def opening(self) -> list[str]: ...
+
+    @abstractmethod
+    def content(self, output: GenerationOutput) -> str: ...
+
+    @abstractmethod
+    def finish(self, output: GenerationOutput) -> str: ...
 
     def _so_far(self, completion_tokens: int) -> Usage | None:
         return usage_of(self._request, completion_tokens) if self._continuous else None
@@ -70,7 +74,7 @@ class _Shape(ABC):
         """One SSE line of this shape."""
 
 
-class ChatChunks(_Shape):
+class ChatChunks(ChunkShape):
     """Role chunk, content deltas, an empty delta with the finish reason."""
 
     def __init__(self, *args):
@@ -96,7 +100,7 @@ class ChatChunks(_Shape):
                           self._so_far(output.completion_tokens))
 
 
-class TextChunks(_Shape):
+class TextChunks(ChunkShape):
     """Text deltas, then an empty one with the finish reason; logprobs' text offsets run on over the chunks."""
 
     def __init__(self, *args):

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from ..protocol import ChatCompletion, ChatCompletionRequest, CompletionRequest, TextCompletion
+from ..streaming import ChatChunks, TextChunks
 from .deps import Chat
 
 router = APIRouter()
@@ -20,7 +21,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     prepared = await chat.prepare(body)
     if body.stream:
         return StreamingResponse(
-            chat.stream_chat(prepared, body.include_usage_chunk, body.continuous_usage),
+            chat.stream(prepared, ChatChunks, body.include_usage_chunk, body.continuous_usage),
             media_type="text/event-stream", headers=SSE_HEADERS
         )
     return await unless_disconnected(request, chat.complete(prepared))
@@ -31,7 +32,7 @@ async def create_completion(body: CompletionRequest, request: Request, chat: Cha
     """Legacy text completions: a raw prompt (text or token ids, one per request), no chat template."""
     prepared = await chat.prepare_text(body)
     if body.stream:
-        return StreamingResponse(chat.stream_text(prepared, body.include_usage_chunk, body.continuous_usage),
+        return StreamingResponse(chat.stream(prepared, TextChunks, body.include_usage_chunk, body.continuous_usage),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
     return await unless_disconnected(request, chat.complete_text(prepared))
 

@@ -12,6 +12,7 @@ from starlette.datastructures import UploadFile
 
 from ..errors import InvalidRequest
 from ..protocol import ChatCompletionRequest, VisionAnalysis, VisionAnalyzeRequest
+from ..streaming import ChatChunks
 from .chat import SSE_HEADERS, unless_disconnected
 from .deps import Chat
 
@@ -42,7 +43,7 @@ async def analyze_tongue_photo(request: Request, chat: Chat):
     )
     prepared = await chat.prepare(body, image_param="image", text_param="question")
     if vision.stream:
-        return StreamingResponse(chat.stream_chat(prepared, include_usage=True), media_type="text/event-stream",
+        return StreamingResponse(chat.stream(prepared, ChatChunks, include_usage=True), media_type="text/event-stream",
                                  headers=SSE_HEADERS)
     completion = await unless_disconnected(request, chat.complete(prepared))
     if completion is None:

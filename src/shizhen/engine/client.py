@@ -270,9 +270,6 @@ class EngineClient:
         """Hand a request to the engine (call from the event loop); outputs arrive on the returned stream."""
         if self.state is not EngineState.READY:  # it died after the request was accepted
             raise EngineDied(f"the engine is {self.state.value} ({self.error or self.phase}); ask again shortly")
-        needed = request.prompt.num_tokens + request.sampling.max_new_tokens
-        if needed > self.config.max_len:
-            raise ValueError(f"{needed} tokens do not fit the engine's {self.config.max_len}-token sequences")
         assembler = TextAssembler(self.prompt_builder.tokenizer, request.sampling)
         stream = RequestStream(request, assembler, self.abort)
         self._live[request.request_id] = stream

@@ -20,7 +20,7 @@ from .sampling import SamplingParams
 # API → engine
 ADD, ABORT, SHUTDOWN = "add", "abort", "shutdown"
 # engine → API
-PHASE, READY, FAILED, OUTPUTS, STATS = "phase", "ready", "failed", "outputs", "stats"
+PHASE, READY, FAILED, OUTPUTS = "phase", "ready", "failed", "outputs"
 
 _PROMPT_TENSORS = ("input_ids", "mm_token_type_ids", "pixel_values", "image_grid_thw")
 _DTYPES = {str(dtype): dtype for dtype in (torch.long, torch.int32, torch.float32, torch.bfloat16, torch.float16)}
