@@ -4,6 +4,7 @@ readiness, examples and auto-stop. (The pod's own start script is tested in test
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import re
 import shlex
@@ -15,7 +16,9 @@ from pathlib import Path
 import pytest
 from conftest import GIT_URL, created_pod, head
 
+from shizhen.api.context import Activity
 from shizhen.cli import main
+from shizhen.deploy.idle import PodAutoStop
 
 USER = {"role": "user", "content": "舌"}
 REPO = Path(__file__).resolve().parent.parent
@@ -266,6 +269,25 @@ def test_idle_pod_stops_itself_but_never_mid_stream(runpod_api, monkeypatch, sta
         time.sleep(0.05)
     assert runpod_api.inputs["podStop"] == [{"podId": "pod7"}]
     assert time.monotonic() - started - streamed_for >= 0.7
+
+
+def test_the_idle_clock_starts_when_the_model_serves():
+    """Loading (a first start downloads 64 GB) is not idleness: the pod must not stop itself before it ever served."""
+    stops, serving = [], False
+    auto_stop = PodAutoStop(Activity(), lambda: serving, idle_seconds=0.3, max_uptime_seconds=None,
+                            check_seconds=0.05, stop_pod=lambda: stops.append(time.monotonic()))
+
+    async def load_then_serve():
+        nonlocal serving
+        task = asyncio.create_task(auto_stop.run())
+        await asyncio.sleep(0.6)
+        assert not stops, "stopped while loading"
+        serving, ready = True, time.monotonic()
+        await asyncio.wait_for(task, timeout=30)
+        return ready
+
+    ready = asyncio.run(load_then_serve())
+    assert len(stops) == 1 and stops[0] - ready >= 0.3
 
 
 def test_a_gpu_model_never_loads_on_the_cpu(start_server, monkeypatch, caplog):

@@ -13,7 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from ..config import Settings
 from ..deploy.idle import PodAutoStop
-from ..engine.client import EngineClient
+from ..engine.client import EngineClient, EngineState
 from ..engine.core import EngineConfig
 from ..engine.loader import load_model, require_gpu_if_expected
 from ..observability.metrics import ServerMetrics
@@ -63,7 +63,7 @@ def create_app(settings: Settings, model_source: str | None = None) -> FastAPI:
             log.warning("serving a RANDOM TEST MODEL from %s: its answers are gibberish", source)
         context.chat.start()
         await engine.start()
-        auto_stop = PodAutoStop.for_this_pod(context.activity, settings)
+        auto_stop = PodAutoStop.for_this_pod(context.activity, lambda: engine.state is EngineState.READY, settings)
         auto_stop_task = asyncio.create_task(auto_stop.run()) if auto_stop else None
         yield
         if auto_stop_task is not None:
