@@ -7,12 +7,15 @@ fields do.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer, model_validator
+
+from .tool_calls import ToolUse
 
 log = logging.getLogger(__name__)
 _logged_ignored: set[str] = set()  # unknown request fields already logged (each once per process)
@@ -25,6 +28,12 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's and vLLM's default limit
 
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+
+class _Exact(BaseModel):
+    """Constraint objects: an unknown field in them would change the answer's shape, so it is refused."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
 class TextPart(_Lenient):
@@ -45,10 +54,105 @@ class ImagePart(_Lenient):
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # a JSON object, as a string
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Lenient):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls, sent back in the history
+    tool_call_id: str | None = None  # a tool message: the call it answers
+
+    @model_validator(mode="after")
+    def _tool_fields_where_they_belong(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.role == "tool" and self.content is None:
+            raise ValueError("a tool message needs content (the call's result)")
+        for call in self.tool_calls or ():
+            try:
+                arguments = json.loads(call.function.arguments)
+            except ValueError:
+                arguments = None
+            if not isinstance(arguments, dict):
+                raise ValueError(f"the arguments of tool call {call.id!r} are not a JSON object")
+        return self
+
+
+_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for function and schema names
+
+
+class FunctionDefinition(_Lenient):
+    name: str = Field(pattern=_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None  # calls always follow `parameters` where a grammar constrains them
+
+
+class Tool(_Lenient):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Lenient):
+    name: str
+
+
+class NamedToolChoice(_Lenient):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(_Exact):
+    name: str = Field("response", pattern=_NAME)
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None  # the answer always follows the schema: it is a grammar here, strict or not
+
+
+class ResponseFormat(_Exact):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_for_json_schema(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs `json_schema`")
+        return self
+
+
+class StructuredOutputs(_Exact):
+    """vLLM's `structured_outputs`: exactly one constraint for the whole answer."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    regex: str | None = Field(None, min_length=1)
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = Field(None, min_length=1)  # EBNF (GBNF-style), as xgrammar reads it
+    json_object: bool | None = None
+    structural_tag: str | None = None
+    # vLLM's options that describe what this server always does: JSON is compact, schemas admit no extra
+    # properties, and there is no fallback to another grammar engine
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    disable_fallback: bool = False
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutputs:
+        given = [name for name in ("json_", "regex", "choice", "grammar", "json_object", "structural_tag")
+                 if getattr(self, name)]
+        if len(given) != 1:
+            raise ValueError("structured_outputs needs exactly one of json, regex, choice, grammar, json_object, "
+                             f"structural_tag (got {', '.join(n.rstrip('_') for n in given) or 'none'})")
+        return self
 
 
 class StreamOptions(_Lenient):
@@ -87,8 +191,9 @@ class GenerationRequestFields(_Lenient):
     min_p: float = Field(0.0, ge=0.0, le=1.0)  # drop tokens less likely than min_p times the likeliest
     stop_token_ids: list[int] = Field(default_factory=list, max_length=64)  # end at these too ("stop")
     include_stop_str_in_output: bool = False  # the stop string that ended the answer stays in it
-    # accepted only as the no-op value: the feature behind it is not implemented yet
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (as a string) → added to its logit, -100 to 100
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None  # vLLM's
 
     @model_validator(mode="before")
     @classmethod
@@ -105,7 +210,45 @@ class GenerationRequestFields(_Lenient):
             log.warning("request fields this server does not implement, ignored: %s", ", ".join(sorted(new)))
         return self
 
-    _no_logit_bias = field_validator("logit_bias")(_only_empty)
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_biases(cls, biases: dict[str, float] | None) -> dict[str, float] | None:
+        for token, bias in (biases or {}).items():
+            if not token.lstrip("-").isdigit():
+                raise ValueError(f"logit_bias keys are token ids; {token!r} is not one")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values are from -100 to 100; {token} has {bias}")
+        if biases and len(biases) > 1024:
+            raise ValueError("at most 1024 logit_bias entries")
+        return biases
+
+    @field_validator("structured_outputs")
+    @classmethod
+    def _one_constraint(cls, outputs: StructuredOutputs | None, info: ValidationInfo) -> StructuredOutputs | None:
+        response_format = info.data.get("response_format")
+        if outputs is not None and response_format and response_format.type != "text":
+            raise ValueError("send either response_format or structured_outputs, not both")
+        return outputs
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_fields_that_change_the_answer(cls, data: object) -> object:
+        """Fields this server does not implement and whose absence would change the answer: refused, naming what
+        to use instead (other unknown fields are logged and ignored)."""
+        if not isinstance(data, dict):
+            return data
+        if guided := sorted(k for k in data if k.startswith("guided_")):
+            raise ValueError(f"{guided[0]} is not supported: use structured_outputs (json, regex, choice, grammar)")
+        for legacy in ("functions", "function_call"):
+            if data.get(legacy):
+                raise ValueError(f"{legacy} is not supported: use tools and tool_choice")
+        if data.get("audio") or any(m != "text" for m in data.get("modalities") or ()):
+            raise ValueError("this model answers in text only (modalities: [\"text\"])")
+        return data
+
+    @property
+    def token_biases(self) -> dict[int, float]:
+        return {int(token): bias for token, bias in (self.logit_bias or {}).items()}
 
     @field_validator("stream_options")
     @classmethod
@@ -160,27 +303,46 @@ class ChatCompletionRequest(GenerationRequestFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    # accepted only as the no-op values: the features behind them are not implemented yet
-    response_format: dict[str, Any] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
-    _no_tools = field_validator("tools")(_only_empty)
-
-    @field_validator("response_format")
+    @field_validator("tools")
     @classmethod
-    def _text_only(cls, value: dict | None) -> dict | None:
-        if value and value.get("type", "text") != "text":
-            raise ValueError(f"response_format {value.get('type')!r} is not supported by this server yet (only "
-                             "'text'); the answer would not be constrained")
-        return value
+    def _distinct_names(cls, tools: list[Tool] | None) -> list[Tool] | None:
+        names = [tool.function.name for tool in tools or ()]
+        if len(set(names)) != len(names):
+            raise ValueError("two tools have the same name")
+        return tools
 
     @field_validator("tool_choice")
     @classmethod
-    def _no_tool_choice(cls, value: str | dict | None) -> str | dict | None:
-        if value not in (None, "none", "auto"):
-            raise ValueError("tool_choice is not supported by this server yet")
-        return value
+    def _tool_choice_names_a_tool(cls, choice, info: ValidationInfo):
+        if choice == "required" or isinstance(choice, NamedToolChoice):
+            names = [tool.function.name for tool in info.data.get("tools") or ()]
+            if not names:
+                raise ValueError("tool_choice required or a named function needs `tools`")
+            if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+                raise ValueError(f"tool_choice names {choice.function.name!r}, which is not in tools")
+            response_format = info.data.get("response_format")
+            if info.data.get("structured_outputs") is not None or (response_format and response_format.type != "text"):
+                raise ValueError("a forced tool call and response_format/structured_outputs cannot both "
+                                 "constrain the answer")
+        return choice
+
+    @property
+    def tools_in_use(self) -> list[Tool]:
+        """The tools the model is told about: none where tool_choice is "none"."""
+        return [] if self.tool_choice == "none" else list(self.tools or ())
+
+    @property
+    def tool_use(self) -> ToolUse | None:
+        """How the answer is read back: None where no tool can be called."""
+        tools = self.tools_in_use
+        if not tools:
+            return None
+        return ToolUse(frozenset(tool.function.name for tool in tools), named=isinstance(self.tool_choice,
+                                                                                        NamedToolChoice))
 
     @field_validator("top_logprobs")
     @classmethod
@@ -242,6 +404,7 @@ class TokenizeRequest(_Lenient):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
+    tools: list[Tool] | None = None  # chats: rendered into the prompt as a chat completion renders them
     add_generation_prompt: bool = True  # chats: end with the assistant's turn opening, as a completion would
     add_special_tokens: bool | None = None  # prompts: the tokenizer's own (default yes); chats: the template's
     return_token_strs: bool = False
@@ -286,7 +449,8 @@ class Usage(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class TopLogprob(BaseModel):
@@ -303,10 +467,13 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob]
 
 
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+
 class Choice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: FinishReason | None
     logprobs: ChoiceLogprobs | None = None
 
 
@@ -346,20 +513,35 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
-class Delta(BaseModel):
+class _WithoutNulls(BaseModel):
+    @model_serializer(mode="wrap")
+    def _without_nulls(self, serialize) -> dict:
+        """OpenAI sends `{}` as the final delta, and only the parts of a call that came, not nulls."""
+        return {name: value for name, value in serialize(self).items() if value is not None}
+
+
+class FunctionCallDelta(_WithoutNulls):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(_WithoutNulls):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta
+
+
+class Delta(_WithoutNulls):
     role: Literal["assistant"] | None = None
     content: str | None = None
-
-    @model_serializer
-    def _without_nulls(self) -> dict[str, str]:
-        """OpenAI sends `{}` as the final delta, not nulls."""
-        return {name: value for name in ("role", "content") if (value := getattr(self, name)) is not None}
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: FinishReason | None = None
     logprobs: ChoiceLogprobs | None = None
 
 
@@ -413,6 +595,18 @@ class VisionAnalyzeRequest(_Lenient):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     stream: bool = False
+    response_format: ResponseFormat | None = None  # e.g. a JSON schema for a structured tongue report
+
+    @field_validator("response_format", mode="before")
+    @classmethod
+    def _json_text_in_forms(cls, value: object) -> object:
+        """A multipart form carries the object as JSON text."""
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except ValueError:
+                raise ValueError("response_format must be a JSON object") from None
+        return value
 
     @property
     def asked(self) -> str:

@@ -7,6 +7,7 @@ Knows nothing of FastAPI; every check that can refuse a request runs here, befor
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -46,12 +47,14 @@ from .protocol import (
     DetokenizeResponse,
     ErrorBody,
     ErrorResponse,
+    FunctionCall,
     ImagePart,
     TextChoice,
     TextCompletion,
     TextLogprobs,
     TokenizeRequest,
     TokenLogprob,
+    ToolCall,
     TopLogprob,
     TokenizeResponse,
     Usage,
@@ -59,6 +62,8 @@ from .protocol import (
     now,
 )
 from .streaming import ChunkShape, sse, usage_of
+from .structured import GrammarChecks
+from .tool_calls import ToolUse, call_text, new_call_id, parse, response_text, tools_system_text
 
 log = logging.getLogger(__name__)
 LOADING_RETRY_AFTER_S = 10
@@ -79,6 +84,7 @@ class ChatService:
         self._loop: asyncio.AbstractEventLoop | None = None  # the server's, from `start`
         # templates and tokenizers hold the GIL: a bounded pool keeps a flood of them from starving the event loop
         self._prompt_threads = ThreadPoolExecutor(settings.prompt_build_threads, thread_name_prefix="shizhen-prompt")
+        self._grammars = GrammarChecks(self._prompt_threads)
         # accepted requests not yet in the engine's queue count as waiting too, so a burst cannot pass the limit
         self._preparing = 0
         self._unsubmitted: set[str] = set()
@@ -124,7 +130,8 @@ class ChatService:
             if self._settings.log_message_contents:
                 log.debug("request messages: %s", [m.model_dump() for m in body.messages])
             self._check_sizes(body.messages)
-            return await self._build_prompt(await self._turns(body.messages, image_param, text_param))
+            turns = await self._turns(body.messages, image_param, text_param, body.tools_in_use)
+            return await self._build_prompt(turns)
 
         return await self._admit(body, chat_prompt, "messages", completion_id())
 
@@ -162,8 +169,9 @@ class ChatService:
             record.model = self._settings.model_name
         self._preparing += 1
         try:
+            grammar = await self._grammars.grammar_for(body)
             prompt = await build_prompt()
-            request = GenerationRequest(request_id, prompt, self._sampling(body, prompt, prompt_param),
+            request = GenerationRequest(request_id, prompt, self._sampling(body, prompt, prompt_param, grammar),
                                         arrived=arrived)
         finally:
             self._preparing -= 1
@@ -198,13 +206,39 @@ class ChatService:
             raise InvalidRequest(f"the conversation could not be turned into a prompt: {exc}", param="messages",
                                  code="invalid_prompt") from None
 
-    async def _turns(self, messages: list[ChatMessage], image_param: str | None,
-                     text_param: str | None) -> list[ChatTurn]:
-        return [await self._turn(i, message, image_param, text_param) for i, message in enumerate(messages)]
+    async def _turns(self, messages: list[ChatMessage], image_param: str | None, text_param: str | None,
+                     tools: list = ()) -> list[ChatTurn]:
+        """The messages as the engine's turns, tool calls and results written as Qwen2.5 writes them
+        (tool_calls.py): calls in the assistant's text, consecutive results in one user turn, the tools' signatures
+        in the system turn."""
+        turns: list[ChatTurn] = []
+        for i, message in enumerate(messages):
+            turn = await self._turn(i, message, image_param, text_param)
+            if message.role == "tool":
+                result = response_text("".join(turn.parts))
+                if i and messages[i - 1].role == "tool":
+                    turns[-1] = ChatTurn("user", (turns[-1].parts[0] + "\n" + result,))
+                    continue
+                turn = ChatTurn("user", (result,))
+            elif message.tool_calls:
+                text = "".join(turn.parts)
+                calls = "\n".join(call_text(call.function.name, json.loads(call.function.arguments))
+                                  for call in message.tool_calls)
+                turn = ChatTurn("assistant", ((text + "\n" if text else "") + calls,))
+            turns.append(turn)
+        if tools:
+            signatures = [tool.model_dump(exclude_none=True) for tool in tools]
+            if turns[0].role == "system":
+                turns[0] = ChatTurn("system", (tools_system_text("".join(turns[0].parts), signatures),))
+            else:
+                turns.insert(0, ChatTurn("system", (tools_system_text(None, signatures),)))
+        return turns
 
     async def _turn(self, index: int, message: ChatMessage, image_param: str | None,
                     text_param: str | None) -> ChatTurn:
         role = "system" if message.role == "developer" else message.role
+        for j, call in enumerate(message.tool_calls or ()):
+            self._plain_text(call.function.arguments, f"messages[{index}].tool_calls[{j}].function.arguments")
         if message.content is None:
             if role != "assistant":
                 raise InvalidRequest(f"{role} messages need content", param=f"messages[{index}].content")
@@ -239,7 +273,8 @@ class ChatService:
                                  param=param) from None
         return text
 
-    def _sampling(self, body: GenerationRequestFields, prompt: PromptInputs, prompt_param: str) -> SamplingParams:
+    def _sampling(self, body: GenerationRequestFields, prompt: PromptInputs, prompt_param: str,
+                  grammar: tuple[str, str] | None = None) -> SamplingParams:
         settings = self._settings
         room = settings.max_context_length - prompt.num_tokens
         if room < 1:
@@ -266,6 +301,8 @@ class ChatService:
             raise InvalidRequest(f"min_tokens ({body.min_tokens}) is more than the answer may have "
                                  f"({max_new_tokens} tokens)", param="min_tokens")
         self._in_vocabulary(body.stop_token_ids, "stop_token_ids")
+        biases = body.token_biases
+        self._in_vocabulary(list(biases), "logit_bias")
         defaults = self._engine.info.sampling_defaults
         return SamplingParams(
             max_new_tokens=max_new_tokens,
@@ -283,6 +320,8 @@ class ChatService:
             stop_token_ids=tuple(body.stop_token_ids),
             include_stop_str_in_output=body.include_stop_str_in_output,
             logprobs=body.logprobs_asked,
+            logit_bias=tuple(biases.items()),
+            grammar=grammar,
         )
 
     # --- tokenizing (vLLM's /tokenize and /detokenize) --------------------------------------------------------------
@@ -294,7 +333,7 @@ class ChatService:
         builder = self._engine.prompt_builder
         if body.messages is not None:
             self._check_sizes(body.messages)
-            turns = await self._turns(body.messages, None, None)
+            turns = await self._turns(body.messages, None, None, body.tools or [])
             prompt = await self._build_prompt(turns, body.add_generation_prompt)
             tokens = prompt.input_ids[0].tolist()
         else:
@@ -317,14 +356,20 @@ class ChatService:
         return token_ids
 
     # --- answering -----------------------------------------------------------------------------------------------
-    async def complete(self, request: GenerationRequest) -> ChatCompletion:
-        """Run to the end and answer in one `chat.completion`."""
+    async def complete(self, request: GenerationRequest, tools: ToolUse | None = None) -> ChatCompletion:
+        """Run to the end and answer in one `chat.completion`; with `tools`, calls in the text become
+        `tool_calls`."""
         text, output, logprobs = await self._answer(request)
+        content, calls = parse(text, tools.names) if tools else (text, [])
+        message = AssistantMessage(content=content, tool_calls=[
+            ToolCall(id=new_call_id(), function=FunctionCall(name=call.name, arguments=call.arguments))
+            for call in calls])
+        finish_reason = tools.finish_reason(output.finish_reason, bool(calls)) if tools else output.finish_reason
         return ChatCompletion(
             id=request.request_id,
             created=now(),
             model=self._settings.model_name,
-            choices=[Choice(message=AssistantMessage(content=text), finish_reason=output.finish_reason,
+            choices=[Choice(message=message, finish_reason=finish_reason,
                             logprobs=self.chat_logprobs(request, logprobs))],
             usage=usage_of(request, output.completion_tokens),
         )
@@ -379,7 +424,7 @@ class ChatService:
                                           for _, _, likeliest in entries], text_offset=offsets)
 
     async def stream(self, request: GenerationRequest, shape: type[ChunkShape], include_usage: bool,
-                     continuous_usage: bool = False) -> AsyncIterator[str]:
+                     continuous_usage: bool = False, tools: ToolUse | None = None) -> AsyncIterator[str]:
         """SSE lines in `shape` (ChatChunks or TextChunks): its opening, content deltas, the finish chunk, the
         usage chunk if asked for, `[DONE]`; an error after the start comes as an error chunk before `[DONE]`.
         `continuous_usage` (with include_usage): every chunk carries the usage so far.
@@ -387,7 +432,7 @@ class ChatService:
         While no token is ready (queued, or a long prefill) a comment line keeps idle-timeout proxies from cutting
         the stream. Closing this generator (client gone) cancels the engine request.
         """
-        chunks = shape(self, request, self._settings.model_name, include_usage and continuous_usage)
+        chunks = shape(self, request, self._settings.model_name, include_usage and continuous_usage, tools)
         for line in chunks.opening():
             yield line
         try:
@@ -396,8 +441,8 @@ class ChatService:
                     if output is None:
                         yield ": keep-alive\n\n"
                         continue
-                    if output.text or output.logprobs:
-                        yield chunks.content(output)
+                    if (output.text or output.logprobs) and (line := chunks.content(output)):
+                        yield line
                     if output.finish_reason:
                         yield chunks.finish(output)
                         if include_usage:

@@ -10,7 +10,18 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel
 
 from .engine.request import GenerationOutput, GenerationRequest
-from .protocol import ChatCompletionChunk, ChunkChoice, Delta, TextChoice, TextCompletion, Usage, now
+from .protocol import (
+    ChatCompletionChunk,
+    ChunkChoice,
+    Delta,
+    FunctionCallDelta,
+    TextChoice,
+    TextCompletion,
+    ToolCallDelta,
+    Usage,
+    now,
+)
+from .tool_calls import CallDelta, StreamingToolCalls, ToolUse
 
 if TYPE_CHECKING:
     from .serving import ChatService
@@ -45,10 +56,12 @@ class ContentChunks:
 class ChunkShape(ABC):
     """What each moment of a stream looks like: the opening lines, a content delta, the finish, the usage."""
 
-    def __init__(self, service: ChatService, request: GenerationRequest, model: str, continuous_usage: bool):
+    def __init__(self, service: ChatService, request: GenerationRequest, model: str, continuous_usage: bool,
+                 tools: ToolUse | None = None):
         """`continuous_usage`: vLLM's continuous_usage_stats (with include_usage): every chunk carries the usage
-        so far."""
+        so far. `tools`: the calls the answer may make (chat only)."""
         self._service = service
+        self._tools = tools
         self._request = request
         self._model = model
         self._created = now()
@@ -58,7 +71,8 @@ class ChunkShape(ABC):
     def opening(self) -> list[str]: ...
 
     @abstractmethod
-    def content(self, output: GenerationOutput) -> str: ...
+    def content(self, output: GenerationOutput) -> str:
+        """The line for new text; "" when there is nothing to send yet."""
 
     @abstractmethod
     def finish(self, output: GenerationOutput) -> str: ...
@@ -75,11 +89,13 @@ class ChunkShape(ABC):
 
 
 class ChatChunks(ChunkShape):
-    """Role chunk, content deltas, an empty delta with the finish reason."""
+    """Role chunk, content deltas, an empty delta with the finish reason. Where tools may be called, calls go out
+    as OpenAI streams them: a delta with the call's index, id and name, then deltas of its arguments."""
 
     def __init__(self, *args):
         super().__init__(*args)
         self._spliced = ContentChunks(self._line([ChunkChoice(delta=Delta(content=ContentChunks.SPLICE))], None))
+        self._calls = StreamingToolCalls(self._tools.names) if self._tools else None
 
     def _line(self, choices: list, usage: Usage | None) -> str:
         return sse(ChatCompletionChunk(id=self._request.request_id, created=self._created, model=self._model,
@@ -89,15 +105,31 @@ class ChatChunks(ChunkShape):
         return [self._line([ChunkChoice(delta=Delta(role="assistant", content=""))], self._so_far(0))]
 
     def content(self, output: GenerationOutput) -> str:
+        if self._calls is not None:
+            text, calls = self._calls.push(output.text)
+            if not (text or calls or output.logprobs):
+                return ""
+            return self._delta(output, text or None, calls)
         if not self._continuous and output.logprobs is None:
             return self._spliced(output.text)
+        return self._delta(output, output.text)
+
+    def _delta(self, output: GenerationOutput, text: str | None, calls: list[CallDelta] = ()) -> str:
         logprobs = self._service.chat_logprobs(self._request, output.logprobs or [])
-        return self._line([ChunkChoice(delta=Delta(content=output.text), logprobs=logprobs)],
+        tool_calls = [ToolCallDelta(index=call.index, id=call.id, type="function" if call.id else None,
+                                    function=FunctionCallDelta(name=call.name, arguments=call.arguments))
+                      for call in calls] or None
+        return self._line([ChunkChoice(delta=Delta(content=text, tool_calls=tool_calls), logprobs=logprobs)],
                           self._so_far(output.completion_tokens))
 
     def finish(self, output: GenerationOutput) -> str:
-        return self._line([ChunkChoice(delta=Delta(), finish_reason=output.finish_reason)],
-                          self._so_far(output.completion_tokens))
+        reason, held = output.finish_reason, ""
+        if self._calls is not None:
+            if text := self._calls.flush():
+                held = self._line([ChunkChoice(delta=Delta(content=text))], self._so_far(output.completion_tokens))
+            reason = self._tools.finish_reason(reason, self._calls.calls > 0)
+        return held + self._line([ChunkChoice(delta=Delta(), finish_reason=reason)],
+                                 self._so_far(output.completion_tokens))
 
 
 class TextChunks(ChunkShape):

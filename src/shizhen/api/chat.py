@@ -21,10 +21,10 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     prepared = await chat.prepare(body)
     if body.stream:
         return StreamingResponse(
-            chat.stream(prepared, ChatChunks, body.include_usage_chunk, body.continuous_usage),
+            chat.stream(prepared, ChatChunks, body.include_usage_chunk, body.continuous_usage, body.tool_use),
             media_type="text/event-stream", headers=SSE_HEADERS
         )
-    return await unless_disconnected(request, chat.complete(prepared))
+    return await unless_disconnected(request, chat.complete(prepared, body.tool_use))
 
 
 @router.post("/v1/completions", response_model=None)

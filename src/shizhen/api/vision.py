@@ -17,14 +17,19 @@ from .chat import SSE_HEADERS, unless_disconnected
 from .deps import Chat
 
 router = APIRouter()
+RESPONSE_FORMAT = {"type": "object", "description": 'as in chat completions: {"type": "json_schema", "json_schema": '
+                   '{"name": ..., "schema": {...}}} or {"type": "json_object"}; JSON text in a form'}
+JSON_FIELDS = VisionAnalyzeRequest.model_json_schema()
+JSON_FIELDS.pop("$defs", None)
+JSON_FIELDS["properties"]["response_format"] = RESPONSE_FORMAT
 FORM_FIELDS = {  # the multipart form carries VisionAnalyzeRequest's fields, with `image` as a file
     "image": {"type": "string", "format": "binary", "description": "the photo (JPEG, PNG, WebP, HEIC, ...)"},
-    **{name: field for name, field in VisionAnalyzeRequest.model_json_schema()["properties"].items()
-       if name != "image"},
+    **{name: field for name, field in JSON_FIELDS["properties"].items() if name != "image"},
+    "response_format": RESPONSE_FORMAT | {"type": "string"},
 }
 REQUEST_BODY = {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": FORM_FIELDS}},
-    "application/json": {"schema": VisionAnalyzeRequest.model_json_schema()},
+    "application/json": {"schema": JSON_FIELDS},
 }}
 
 
@@ -40,6 +45,7 @@ async def analyze_tongue_photo(request: Request, chat: Chat):
         max_tokens=vision.max_tokens,
         temperature=vision.temperature,
         stream=vision.stream,
+        response_format=vision.response_format,
     )
     prepared = await chat.prepare(body, image_param="image", text_param="question")
     if vision.stream:

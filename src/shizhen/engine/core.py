@@ -15,11 +15,13 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Callable
+from concurrent import futures
 from dataclasses import dataclass
 
 import torch
 
 from .allocation import BLOCK_SIZE
+from .grammar import StructuredOutputs
 from .loader import LoadedModel
 from .memory import plan_blocks
 from .model_runner import DecodeRow, ModelRunner
@@ -97,6 +99,10 @@ class EngineCore:
         report_phase("capturing CUDA graphs" if self.cuda_graphs else "allocating the KV cache")
         self._runner.allocate_cache(self.kv_blocks, self.cuda_graphs)
         self._sampler = BatchSampler(slots, loaded.vocab_size, loaded.device)
+        report_phase("preparing structured outputs for the tokenizer")
+        self._grammars = StructuredOutputs(loaded.processor.tokenizer, loaded.vocab_size, loaded.stop_token_ids,
+                                           loaded.device)
+        self._compiling: dict[Sequence, futures.Future] = {}  # waiting for their grammar before they queue
         self._next_tokens = torch.zeros(slots, dtype=torch.long, device=loaded.device)  # per slot, on the device
         self._scheduler = Scheduler(slots, self.kv_blocks, config.prefill_token_budget)
         self._sequences: dict[str, Sequence] = {}  # every unfinished one, waiting or running
@@ -124,7 +130,7 @@ class EngineCore:
 
     @property
     def has_work(self) -> bool:
-        return self._scheduler.has_work
+        return self._scheduler.has_work or bool(self._compiling)
 
     # --- requests in ---------------------------------------------------------------------------------------------
     def add(self, request: GenerationRequest) -> None:
@@ -140,7 +146,10 @@ class EngineCore:
             self._output(sequence)[3] = f"{needed} tokens do not fit the engine's {self.config.max_len}-token sequences"
         else:
             self._sequences[request.request_id] = sequence
-            self._scheduler.add(sequence)
+            if sampling.grammar is not None:
+                self._compiling[sequence] = self._grammars.compile(sampling.grammar)
+            else:
+                self._scheduler.add(sequence)
 
     def abort(self, request_ids: list[str]) -> None:
         """The API process gave up on these (client gone, stop string, timeout): no output follows. A waiting one
@@ -158,6 +167,7 @@ class EngineCore:
         """Plan, launch, collect; returns what the step produced, per request. Raises EngineCoreBroken after a fault
         that leaves the device unusable."""
         scheduler = self._scheduler
+        self._queue_compiled()
         for sequence in scheduler.aborted():
             self._end(sequence)
         if admitted := scheduler.admissions():
@@ -188,6 +198,24 @@ class EngineCore:
             self._end(sequence, reason)
         return self.take_outputs()
 
+    def _queue_compiled(self) -> None:
+        """Sequences whose grammar has compiled join the queue (in the order they compiled); one whose grammar
+        failed ends with the reason. With nothing else to do, waits a little for a compile instead of spinning."""
+        if not self._compiling:
+            return
+        if not self._scheduler.has_work:
+            futures.wait(self._compiling.values(), timeout=0.01, return_when=futures.FIRST_COMPLETED)
+        for sequence, compiled in list(self._compiling.items()):
+            if not compiled.done():
+                continue
+            del self._compiling[sequence]
+            try:
+                sequence.grammar = self._grammars.matcher(compiled.result())
+            except Exception as exc:
+                self._end(sequence, f"the grammar could not be compiled: {exc}")
+                continue
+            self._scheduler.add(sequence)
+
     def _prefill_isolated(self, admitted: list[Admission]) -> None:
         """Prefill the admissions together; if that fails, once more one by one, so that only a request that fails
         on its own is failed (a failed prefill never takes running requests down either)."""
@@ -217,7 +245,7 @@ class EngineCore:
         rows = self._sampler.admit([SlotHistory(s.slot, s.request.sampling, s.seed, s.request.prompt.input_ids[0],
                                                 s.output_ids) for s in sequences])
         sampled = self._sampler.sample(logits, [s.slot for s in sequences], rows,
-                                       _banned([(s, s.produced) for s in sequences]))
+                                       _banned([(s, s.produced) for s in sequences]), self._constraint(sequences))
         self._next_tokens[rows] = sampled
         for sequence, rope_delta in zip(sequences, rope_deltas, strict=True):
             sequence.rope_delta = rope_delta
@@ -242,9 +270,7 @@ class EngineCore:
         """The preemption policy: first collect the steps in flight (sequences they finish give blocks back), then
         preempt the newest sequence."""
         if self._in_flight:
-            for step in self._in_flight:
-                self._collect(step)
-            self._in_flight = []
+            self._collect_all()
             return
         sequence = self._scheduler.preempt_newest()  # nothing in flight: all its tokens are on the host
         self._sampler.release(sequence.slot)
@@ -261,17 +287,32 @@ class EngineCore:
         batch = self._scheduler.decode_batch()
         rows = [DecodeRow(s.slot, s.next_position, s.cache_len) for s in batch]
         logits, row_slots = self._runner.decode(rows, self._next_tokens)
+        if any(s.grammar is not None for s in batch):
+            # a grammar's mask needs the token before this one: collect the steps in flight while the GPU runs
+            # this step's forward pass (only its sampling waits for the mask)
+            self._collect_all()
         tokens = self._sampler.sample(logits, [s.slot for s in batch], row_slots,
-                                      _banned([(s, s.sampled) for s in batch]))
+                                      _banned([(s, s.sampled) for s in batch]), self._constraint(batch))
         self._next_tokens[row_slots] = tokens
         for sequence in batch:
             sequence.sampled += 1
         return _in_flight(batch, tokens, self._logprobs(batch, logits, tokens))
 
+    def _constraint(self, sequences: list[Sequence]) -> Callable[[torch.Tensor], None] | None:
+        """The grammar mask for a step's rows, where any of its sequences (still running) follows a grammar."""
+        rows = [(row, s.grammar) for row, s in enumerate(sequences) if s.grammar is not None and not s.finished]
+        return (lambda logits: self._grammars.apply(logits, rows)) if rows else None
+
     def _logprobs(self, sequences: list[Sequence], logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor | None:
         """The step's log-probabilities, for all its rows, if any of its sequences asked for them."""
         asked = [s.request.sampling.logprobs for s in sequences if s.request.sampling.logprobs is not None]
         return self._sampler.token_logprobs(logits, tokens, max(asked)) if asked else None
+
+    def _collect_all(self) -> None:
+        """Collect every step in flight, in launch order (the list is emptied in place: callers may hold it)."""
+        for step in self._in_flight:
+            self._collect(step)
+        self._in_flight.clear()
 
     def _collect(self, step: InFlightStep) -> None:
         """Hand a finished step's tokens to their sequences; the engine's only wait for the GPU."""
@@ -304,6 +345,7 @@ class EngineCore:
         """The one way out for a sequence: finished, aborted or failed (`error` tells the API process why)."""
         sequence.finished = True
         self._sequences.pop(sequence.request_id, None)
+        self._compiling.pop(sequence, None)
         if error is not None and not sequence.aborted:
             message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
             self._output(sequence)[3] = message
@@ -328,7 +370,8 @@ def _banned(rows: list[tuple[Sequence, int]]) -> list[tuple[int, int]]:
     """(row, token id) pairs the sampler must not draw: a sequence's stop tokens while fewer than its min_tokens
     came before the token being sampled. `rows`: each row's sequence and how many tokens precede its new one."""
     return [(row, token) for row, (sequence, before) in enumerate(rows)
-            if before < sequence.request.sampling.min_tokens for token in sequence.stop_token_ids]
+            if before < sequence.request.sampling.min_tokens and sequence.grammar is None  # a grammar says when
+            for token in sequence.stop_token_ids]
 
 
 def is_device_fault(exc: Exception) -> bool:

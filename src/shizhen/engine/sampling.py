@@ -7,6 +7,7 @@ the same output whatever else is in the batch, with no generator objects to keep
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # the request's own, besides the checkpoint's end-of-turn tokens
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # None: none; n: each token's log-probability and the n likeliest (0 to 20)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit before sampling)
+    grammar: tuple[str, str] | None = None  # (kind, source): the output follows it (grammar.py)
 
     @property
     def greedy(self) -> bool:
@@ -52,6 +55,8 @@ class SlotHistory:
     prompt_ids: torch.Tensor
     output_ids: list[int]
 
+
+_RELEASED = SamplingParams(max_new_tokens=1, temperature=0.0)
 
 # splitmix64 constants as signed 64-bit integers (torch has no unsigned 64-bit arithmetic)
 _GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15
@@ -121,15 +126,25 @@ class BatchSampler:
         self._params.pop(slot, None)
 
     def sample(self, logits: torch.Tensor, slots: list[int], rows: torch.Tensor,
-               banned: list[tuple[int, int]] = ()) -> torch.Tensor:
+               banned: list[tuple[int, int]] = (),
+               constrain: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
         """logits [rows, ≥vocab] for `slots` (in that order; `rows`: the same on the device) → next token per row,
         on the device, without waiting for the GPU. `banned`: (row, token id) pairs that cannot be drawn (stop
-        tokens before min_tokens)."""
-        params = [self._params[slot] for slot in slots]
-        logits = logits[:, : self.vocab_size].float()
+        tokens before min_tokens); `constrain` masks the float logits in place (grammars)."""
+        # a slot released since its step was planned (its sequence ended while the host collected) samples greedily
+        # for nobody: its token is dropped
+        params = [self._params.get(slot, _RELEASED) for slot in slots]
+        logits = logits[:, : self.vocab_size].to(torch.float32, copy=constrain is not None)  # logprobs read them
+        if biases := [(row, token, bias) for row, p in enumerate(params) for token, bias in p.logit_bias]:
+            bias_rows, bias_ids, bias_values = zip(*biases)
+            logits = logits.index_put(
+                (to_device(torch.tensor(bias_rows), self._device), to_device(torch.tensor(bias_ids), self._device)),
+                to_device(torch.tensor(bias_values, dtype=torch.float32), self._device), accumulate=True)
         if banned:
             banned_rows, banned_ids = to_device(torch.tensor(banned, dtype=torch.long).T.contiguous(), self._device)
             logits = logits.index_put((banned_rows, banned_ids), torch.tensor(float("-inf"), device=self._device))
+        if constrain is not None:
+            constrain(logits)
         if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params):
             logits = self._penalised(logits, rows)
         tokens = torch.argmax(logits, dim=-1)

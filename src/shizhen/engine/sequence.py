@@ -7,10 +7,13 @@ stop strings, and aborts the sequence when one is reached.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from .prompt import PromptInputs
 from .request import GenerationRequest
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -25,6 +28,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     finished: bool = False  # ended, failed or aborted: a step still in flight for it is discarded
     aborted: bool = False  # by the API process (client gone, stop string, timeout)
+    grammar: object | None = None  # an xgrammar GrammarMatcher where the output must follow a grammar
 
     @property
     def request_id(self) -> str:
@@ -52,10 +56,10 @@ class Sequence:
 
     def accept(self, token_id: int) -> str | None:
         """Take the sampled token; returns the finish reason once a stop condition is met: "stop" for a stop token
-        (the last token then is that stop token), "length" at max_new_tokens."""
+        (the last token then is that stop token) or the end of its grammar, "length" at max_new_tokens."""
         self.produced += 1
         self.output_ids.append(token_id)
-        if token_id in self.stop_token_ids:
+        if token_id in self.stop_token_ids or (self.grammar is not None and self._grammar_ends(token_id)):
             reason = "stop"
         elif self.produced == self.request.sampling.max_new_tokens:
             reason = "length"
@@ -63,3 +67,9 @@ class Sequence:
             return None
         self.finished = True
         return reason
+
+    def _grammar_ends(self, token_id: int) -> bool:
+        if not self.grammar.accept_token(token_id):  # the mask allowed only what the grammar does: a bug if seen
+            log.error("request %s: token %d is outside its grammar; the answer ends here", self.request_id, token_id)
+            return True
+        return self.grammar.is_terminated()
