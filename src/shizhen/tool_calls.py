@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 DEFAULT_SYSTEM = "You are a helpful assistant."  # what the checkpoint's template says when no system prompt is sent
@@ -114,12 +114,12 @@ class StreamingToolCalls:
     _after_call: bool = False
     _sent_arguments: int = 0  # of the current call's argument text
     _arguments_at: int | None = None  # where the current call's arguments start in the buffer
-    _deltas: list[CallDelta] = field(default_factory=list)
 
     def push(self, text: str) -> tuple[str, list[CallDelta]]:
         """New text → (content to send now, call deltas to send now)."""
         self._buffer += text
-        content = []
+        content: list[str] = []
+        deltas: list[CallDelta] = []
         while True:
             if not self._in_call:
                 if self._after_call:  # the newline(s) after a call belong to it
@@ -134,27 +134,23 @@ class StreamingToolCalls:
                 content.append(self._buffer[:start])
                 self._buffer = self._buffer[start + len(CALL_OPEN) :]
                 self._in_call, self._arguments_at, self._sent_arguments = True, None, 0
-            elif not self._advance_call(content):
+            elif not self._advance_call(content, deltas):
                 break
-        deltas, self._deltas = self._deltas, []
         return "".join(content), deltas
 
-    def _advance_call(self, content: list[str]) -> bool:
-        """Emit what the buffered call allows; True when the call closed (more may follow in the buffer)."""
+    def _advance_call(self, content: list[str], deltas: list[CallDelta]) -> bool:
+        """Emit what the buffered call allows; True when the call closed or turned out not to be one (more may
+        follow in the buffer)."""
         if self._arguments_at is None:
             head = _CALL_HEAD.match(self._buffer)
-            if head is None:
-                if CALL_CLOSE in self._buffer or not _could_be_head(self._buffer):  # not a call after all
-                    content.append(CALL_OPEN)
-                    self._in_call = False
-                    return True
-                return False
-            if head.group(1) not in self.names:
+            if head is None and CALL_CLOSE not in self._buffer and _could_be_head(self._buffer):
+                return False  # wait for more
+            if head is None or head.group(1) not in self.names:  # not a call of a known tool: content
                 content.append(CALL_OPEN)
                 self._in_call = False
                 return True
             self._arguments_at = head.end()
-            self._deltas.append(CallDelta(self.calls, id=new_call_id(), name=head.group(1)))
+            deltas.append(CallDelta(self.calls, id=new_call_id(), name=head.group(1)))
             self.calls += 1
         close = self._buffer.find(CALL_CLOSE, self._arguments_at)
         if close >= 0:
@@ -164,7 +160,7 @@ class StreamingToolCalls:
             arguments = arguments[: len(arguments) - _partial_suffix(arguments, CALL_CLOSE)].rstrip()
             arguments = arguments[:-1] if arguments.endswith("}") else arguments
         if len(arguments) > self._sent_arguments:
-            self._deltas.append(CallDelta(self.calls - 1, arguments=arguments[self._sent_arguments :]))
+            deltas.append(CallDelta(self.calls - 1, arguments=arguments[self._sent_arguments :]))
             self._sent_arguments = len(arguments)
         if close < 0:
             return False
@@ -173,11 +169,13 @@ class StreamingToolCalls:
         return True
 
     def flush(self) -> str:
-        """At the end: text still held back that turned out to be content."""
-        if self._in_call and self._arguments_at is None:
-            held, self._buffer = CALL_OPEN + self._buffer, ""
-            return held
-        held, self._buffer = ("" if self._in_call else self._buffer), ""
+        """At the end: text still held back that turned out to be content (a call whose name went out keeps its
+        unfinished arguments)."""
+        if not self._in_call:
+            held = self._buffer
+        else:
+            held = CALL_OPEN + self._buffer if self._arguments_at is None else ""
+        self._buffer = ""
         return held
 
 

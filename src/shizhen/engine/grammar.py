@@ -1,8 +1,8 @@
 """Structured outputs in the engine: grammars compiled against the tokenizer (xgrammar), one matcher per sequence,
 and the step's token mask.
 
-A request's grammar is a `(kind, source)` pair (`GRAMMAR_KINDS`); the API process has already checked that it
-parses. Compiling runs on threads (xgrammar releases the GIL) while the engine keeps stepping; identical grammars
+A request's grammar is a `(kind, source)` pair (`parse_grammar` lists the kinds); the API process has already
+checked that it parses. Compiling runs on threads (xgrammar releases the GIL) while the engine keeps stepping; identical grammars
 compile once (xgrammar's cache). Each step, the rows of constrained sequences get their allowed tokens from their
 matchers into a host bitmask, which is copied to the device and applied to the logits before sampling: requests with
 and without grammars share the batch and the decode graph.
@@ -19,13 +19,10 @@ import xgrammar
 
 from .device_copy import to_device
 
-# kind → how xgrammar compiles its source. JSON is compact (no free whitespace): a model is not free to pad its
-# answer with blank lines until max_tokens, as weak ones do when allowed.
-GRAMMAR_KINDS = ("json_schema", "json_object", "regex", "ebnf", "structural_tag")
-
-
 def parse_grammar(kind: str, source: str) -> xgrammar.Grammar:
-    """The grammar without the tokenizer: what the API process checks a request with (raises on a bad one)."""
+    """The grammar without the tokenizer: what the API process checks a request with (raises on a bad one). JSON
+    is compact (no free whitespace): a model is not free to pad its answer with blank lines until max_tokens, as
+    weak ones do when allowed."""
     if kind == "json_schema":
         return xgrammar.Grammar.from_json_schema(source, any_whitespace=False, strict_mode=True)
     if kind == "json_object":
@@ -93,6 +90,3 @@ class StructuredOutputs:
                                                                           self._device)  # a list would sync
         xgrammar.apply_token_bitmask_inplace(logits, to_device(bitmask, self._device), vocab_size=self._vocab_size,
                                              indices=on_device)
-
-    def close(self) -> None:
-        self._threads.shutdown(wait=False, cancel_futures=True)

@@ -137,9 +137,9 @@ class BatchSampler:
         logits = logits[:, : self.vocab_size].to(torch.float32, copy=constrain is not None)  # logprobs read them
         if biases := [(row, token, bias) for row, p in enumerate(params) for token, bias in p.logit_bias]:
             bias_rows, bias_ids, bias_values = zip(*biases)
-            logits = logits.index_put(
-                (to_device(torch.tensor(bias_rows), self._device), to_device(torch.tensor(bias_ids), self._device)),
-                to_device(torch.tensor(bias_values, dtype=torch.float32), self._device), accumulate=True)
+            bias_at = to_device(torch.tensor([bias_rows, bias_ids]), self._device)
+            logits = logits.index_put((bias_at[0], bias_at[1]), to_device(torch.tensor(bias_values), self._device),
+                                      accumulate=True)
         if banned:
             banned_rows, banned_ids = to_device(torch.tensor(banned, dtype=torch.long).T.contiguous(), self._device)
             logits = logits.index_put((banned_rows, banned_ids), torch.tensor(float("-inf"), device=self._device))
