@@ -8,6 +8,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
@@ -25,6 +26,7 @@ class StandInHub:
         self.corrupt: dict[str, int] = {}  # file → times its bytes are served flipped (same length)
         self.advertised_size: dict[str, int] = {}  # file → size claimed in the metadata
         self.stall: dict[str, threading.Event] = {}  # file → its body waits until the event is set
+        self.rate: dict[str, int] = {}  # file → bytes per second its body is sent at, while the entry stays
         self.authorizations: list[str | None] = []  # the Authorization header of every request
         hub = self
 
@@ -102,7 +104,22 @@ class StandInHub:
             request.close_connection = True
             request.connection.shutdown(2)
             return
+        if name in self.rate:
+            return self._send_slowly(request, status, part, headers, name)
         self._send(request, status, part, headers, True)
+
+    def _send_slowly(self, request, status: int, part: bytes, headers: dict, name: str) -> None:
+        """A tenth of a second's worth at a time, at full speed again once the rate is lifted."""
+        self._send(request, status, b"", headers | {"Content-Length": str(len(part))}, False)
+        sent = 0
+        while sent < len(part):
+            rate = self.rate.get(name)
+            step = len(part) - sent if rate is None else max(rate // 10, 1)
+            request.wfile.write(part[sent:sent + step])
+            request.wfile.flush()
+            sent += step
+            if rate is not None:
+                time.sleep(0.1)
 
     @staticmethod
     def _send(request, status: int, payload: bytes, headers: dict, body: bool) -> None:

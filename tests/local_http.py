@@ -35,10 +35,11 @@ class LocalHTTPServer(ThreadingHTTPServer):
 class TcpProxy:
     """Forwards connections from a free loopback port to `target_port`, as RunPod's proxy stands before a pod."""
 
-    def __init__(self, target_port: int):
+    def __init__(self, target_port: int, port: int = 0):
         self._target = ("127.0.0.1", target_port)
-        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener = socket.create_server(("127.0.0.1", port))
         self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._connections: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -52,6 +53,7 @@ class TcpProxy:
             except OSError:
                 client.close()  # the pod is not listening yet: the proxy has nothing to forward to
                 continue
+            self._connections += [client, upstream]
             for source, sink in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
 
@@ -65,4 +67,14 @@ class TcpProxy:
                 end.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread; a bare close() leaves it listening
         self._listener.close()
+
+    def cut(self) -> None:
+        """Drop every connection and stop listening: to a client, the server behind it has died."""
+        self.close()
+        for end in self._connections:
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+            end.close()

@@ -69,6 +69,19 @@ def test_top_k_top_p_and_seed():
     assert _sample(30, logits, temperature=1.0, seed=7) != _sample(30, logits, temperature=1.0, seed=8)
 
 
+def test_a_token_of_negligible_or_no_probability_is_never_drawn():
+    """Over a real vocabulary's width, some noise value per step is the largest the hash gives; it must not pick a
+    token the model (or a grammar's mask, -inf) rules out. 24 rows × 25 steps × 152k tokens."""
+    vocab, slots = 152_064, 24
+    sampler = BatchSampler(slots=slots, vocab_size=vocab, device=torch.device("cpu"))
+    rows = sampler.admit([_history(slot, SamplingParams(max_new_tokens=64, temperature=1.0, seed=slot), [0])
+                          for slot in range(slots)])
+    logits = torch.full((slots, vocab), -1e4)
+    logits[:, 7], logits[:, 8], logits[::2, 9] = 0.0, 0.0, float("-inf")  # 9: masked in half the rows
+    drawn = {int(token) for _ in range(25) for token in sampler.sample(logits, list(range(slots)), rows)}
+    assert drawn == {7, 8}
+
+
 def test_rows_sample_independently_of_their_neighbours():
     """A seeded request draws the same tokens alone or beside other requests in the batch."""
     logits = torch.tensor([[1.0, 1.1, 0.9, 1.0, 1.2, 0.8]])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from hub_standin import StandInHub
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from shizhen.config import Settings
-from shizhen.store import StoreError, model_store
+from shizhen.store import NEEDED_FILES, StoreError, model_store
 from shizhen.store import RANDOM_MODEL_MARKER
 
 REPO = "shizhen-tests/tiny-vl"
@@ -162,7 +163,13 @@ def test_health_shows_download_progress_while_the_server_waits(hub, tmp_path, st
             while last_shard not in (phase := http.get("/health").json().get("phase", "")):
                 assert time.monotonic() < deadline, phase
                 time.sleep(0.05)
+            health = http.get("/health").json()
         assert phase.startswith(f"downloading {last_shard}: ") and "GiB (" in phase
+        assert health["step"] == "downloading"
+        download = health["download"]
+        assert download["file"] == last_shard and 0 < download["done_bytes"] < download["total_bytes"]
+        assert download["total_bytes"] == sum(len(data) for name, data in hub.files.items()
+                                              if any(fnmatch.fnmatch(name, p) for p in NEEDED_FILES))
     finally:
         hub.stall[last_shard].set()
     assert server.wait_ready()["status"] == "ok"

@@ -114,7 +114,7 @@ class ChatService:
         engine = self._engine
         if engine.state is EngineState.LOADING:
             raise ServiceUnavailable(
-                f"the model is loading ({engine.phase}); retry shortly", retry_after=LOADING_RETRY_AFTER_S
+                f"the model is loading ({engine.phase.detail}); retry shortly", retry_after=LOADING_RETRY_AFTER_S
             )
         if engine.state is EngineState.FAILED:
             raise ServiceUnavailable(f"the model failed to load: {engine.error}", retry_after=60)

@@ -17,13 +17,16 @@ import shutil
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from tqdm.auto import tqdm
+
+from . import load_phase
+from .load_phase import LoadPhase
 
 log = logging.getLogger(__name__)
 RANDOM_MODEL_MARKER = "SHIZHEN_TINY_RANDOM_MODEL"  # a file in the folder: the server labels such a model random
@@ -45,16 +48,23 @@ class FileProblem:
 
 @dataclass
 class DownloadProgress:
-    """Bytes fetched so far of the files being downloaded, for `/health` and the log."""
+    """Bytes fetched so far of the files being downloaded, for `/health`, the page's progress bar and the log."""
 
     total_bytes: int = 0
     done_bytes: int = 0
     current_file: str | None = None
+    started: float = field(default_factory=time.monotonic)
 
-    def describe(self) -> str:
+    def phase(self) -> LoadPhase:
         share = self.done_bytes / self.total_bytes * 100 if self.total_bytes else 0
-        return (f"downloading {self.current_file}: {self.done_bytes / GIB:.2f} of {self.total_bytes / GIB:.2f} GiB "
-                f"({share:.0f}%)")
+        detail = (f"downloading {self.current_file}: {self.done_bytes / GIB:.2f} of {self.total_bytes / GIB:.2f} GiB "
+                  f"({share:.0f}%)")
+        elapsed = time.monotonic() - self.started
+        rate = self.done_bytes / elapsed if self.done_bytes and elapsed > 0 else None
+        eta = round(max(self.total_bytes - self.done_bytes, 0) / rate, 1) if rate else None
+        return LoadPhase(load_phase.DOWNLOADING, detail, {
+            "file": self.current_file, "done_bytes": self.done_bytes, "total_bytes": self.total_bytes,
+            "bytes_per_s": round(rate) if rate else None, "eta_s": eta})
 
 
 @dataclass(frozen=True)
@@ -67,7 +77,7 @@ class RetryPolicy:
 class ModelStore:
     def __init__(self, repo_id: str, cache_dir: Path, *, endpoint: str | None = None, token: str | None = None,
                  revision: str = "main", retry: RetryPolicy = RetryPolicy(),
-                 report: Callable[[str], None] = lambda message: None):
+                 report: Callable[[LoadPhase], None] = lambda phase: None):
         self.repo_id = repo_id
         self.cache_dir = Path(cache_dir)
         self._endpoint = endpoint
@@ -100,7 +110,7 @@ class ModelStore:
     # --- downloading ---------------------------------------------------------------------------------------------
     def download(self) -> dict:
         """Fetch every needed file (resuming partial ones) and record the manifest."""
-        self._report(f"reading {self.repo_id} metadata from the hub")
+        self._report(LoadPhase(load_phase.READING_METADATA, f"reading {self.repo_id} metadata from the hub"))
         api = HfApi(endpoint=self._endpoint, token=self._token)
         info = self._with_retries(lambda: api.model_info(self.repo_id, revision=self._revision, files_metadata=True),
                                   "the repository metadata")
@@ -117,7 +127,7 @@ class ModelStore:
 
     def _fetch(self, manifest: dict, name: str, force: bool = False) -> None:
         self.progress.current_file = name
-        self._report(self.progress.describe())
+        self._report(self.progress.phase())
         progress = self.progress
 
         report = self._report
@@ -125,7 +135,7 @@ class ModelStore:
         class Progress(tqdm):  # counts bytes for /health while drawing the usual bar on a terminal
             def update(self, n=1):
                 progress.done_bytes += n or 0
-                report(progress.describe())
+                report(progress.phase())
                 return super().update(n)
 
         self._with_retries(lambda: hf_hub_download(
@@ -273,7 +283,7 @@ def _first_line(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def model_store(settings, report: Callable[[str], None] = lambda message: None) -> ModelStore:
+def model_store(settings, report: Callable[[LoadPhase], None] = lambda phase: None) -> ModelStore:
     """The store for the configured model, cache, hub and token."""
     from huggingface_hub import constants
 

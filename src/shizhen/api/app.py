@@ -87,6 +87,7 @@ def create_app(settings: Settings, model_source: str | None = None) -> FastAPI:
     app.add_middleware(RequestObserver, metrics=metrics, activity=context.activity)
     app.include_router(health.router)
     app.include_router(page.router)
+    app.mount("/static", page.static_files, name="static")
     metrics_guard = [Depends(require_api_key)] if settings.metrics_require_api_key else []
     app.include_router(metrics_routes.router, dependencies=metrics_guard)
     api = APIRouter(dependencies=[Depends(require_api_key), Depends(enforce_rate_limit)])

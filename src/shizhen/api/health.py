@@ -42,7 +42,7 @@ async def health(context: Context) -> JSONResponse:
     if engine.restarts:
         body["engine_restarts"] = engine.restarts
     if engine.state is EngineState.LOADING:
-        body |= {"phase": engine.phase, "elapsed_s": round(time.monotonic() - context.started, 1)}
+        body |= engine.phase.health() | {"elapsed_s": round(time.monotonic() - context.started, 1)}
         return JSONResponse(body, status_code=503, headers={"Retry-After": "10"})
     if engine.state is EngineState.FAILED:
         return JSONResponse(body | {"error": engine.error}, status_code=503)

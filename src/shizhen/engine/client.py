@@ -3,8 +3,8 @@ back, and restarts it when it dies.
 
 Everything outside `engine/` goes through `EngineClient`: its state (loading, ok, failed) and phase, what the engine
 said about itself when ready (`info`), its counters (`stats`, refreshed with every step), the prompt builder (loaded
-here from the checkpoint the engine loaded), `submit` and `abort`. It runs on the event loop; nothing here touches
-the GPU, so forking the engine process is safe.
+here from the checkpoint the engine loaded), `submit` and `abort`. It runs on the event loop; nothing here uses
+the GPU (the engine process owns it).
 
 Supervision: an engine process that ends after it was ready (killed, or a CUDA fault) fails the requests it was
 running with a clear error and is replaced by a new one, which loads from the (verified) model cache; /health says
@@ -27,9 +27,12 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 import zmq
 import zmq.asyncio
 
+from .. import load_phase
+from ..load_phase import LoadPhase
 from . import wire
 from .core import EngineConfig
 from .core_process import run_engine_process
@@ -150,14 +153,14 @@ class RequestStream:
 
 
 class EngineClient:
-    def __init__(self, load: Callable[[Callable[[str], None]], LoadedModel], config: EngineConfig,
+    def __init__(self, load: Callable[[Callable[[LoadPhase], None]], LoadedModel], config: EngineConfig,
                  max_restarts: int = 3):
-        """`load(report_phase)` builds the model in the engine process; it may call `report_phase("...")`."""
+        """`load(report_phase)` builds the model in the engine process; it may call `report_phase(LoadPhase(...))`."""
         self._load = load
         self.config = config
         self._max_restarts = max_restarts
         self.state = EngineState.LOADING
-        self.phase = "starting"
+        self.phase = LoadPhase(load_phase.STARTING, "starting")
         self.error: str | None = None
         self.info: EngineInfo | None = None
         self.stats = EngineStats()
@@ -216,12 +219,15 @@ class EngineClient:
         self._incarnation += 1
         self._ready_at = None
         self._last_failure = None
-        # fork, not spawn: the engine process starts in a second, with the code (and test patches) of this one;
-        # safe because this process never initialises CUDA. The warning Python 3.12 gives for forking a
-        # multithreaded process is about locks the child could inherit held; the child takes none of ours.
+        # Where there is no GPU (tests, the CPU demo): fork, so the engine process starts in a second with the code
+        # (and test patches) of this one. Where there is one: spawn, because a forked child cannot use CUDA once
+        # this process has touched the driver, and importing xgrammar (for grammar checks) does. The warning
+        # Python 3.12 gives for forking a multithreaded process is about locks the child could inherit held; the
+        # child takes none of ours.
+        start_method = "spawn" if torch.cuda.is_available() else "fork"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            process = multiprocessing.get_context("fork").Process(
+            process = multiprocessing.get_context(start_method).Process(
                 target=run_engine_process, name=f"shizhen-engine-{self._incarnation}", daemon=True,
                 args=(self._load, self.config, f"ipc://{self._dir}/requests", f"ipc://{self._dir}/outputs",
                       self._incarnation, os.getpid()))
@@ -257,7 +263,7 @@ class EngineClient:
                   self._ends_in_a_row, self._max_restarts)
         self.restarts += 1
         self.state = EngineState.LOADING
-        self.phase = f"restarting the engine, which ended ({cause})"
+        self.phase = LoadPhase(load_phase.RESTARTING, f"restarting the engine, which ended ({cause})")
         self._spawn()
 
     def _give_up(self, error: str) -> None:
@@ -269,7 +275,7 @@ class EngineClient:
     def submit(self, request: GenerationRequest) -> RequestStream:
         """Hand a request to the engine (call from the event loop); outputs arrive on the returned stream."""
         if self.state is not EngineState.READY:  # it died after the request was accepted
-            raise EngineDied(f"the engine is {self.state.value} ({self.error or self.phase}); ask again shortly")
+            raise EngineDied(f"the engine is {self.state.value} ({self.error or self.phase.detail}); ask again shortly")
         assembler = TextAssembler(self.prompt_builder.tokenizer, request.sampling)
         stream = RequestStream(request, assembler, self.abort)
         self._live[request.request_id] = stream
@@ -328,7 +334,7 @@ class EngineClient:
             self.stats = EngineStats(**stats | {"preemptions": stats["preemptions"] + before.preemptions,
                                                 "tokens_generated": stats["tokens_generated"] + before.tokens_generated})
         elif kind == wire.PHASE:
-            self.phase = payload
+            self.phase = LoadPhase(*payload)
         elif kind == wire.READY:
             await self._ready(EngineInfo(**payload))
         elif kind == wire.FAILED:
@@ -338,7 +344,7 @@ class EngineClient:
 
     async def _ready(self, info: EngineInfo) -> None:
         if self.prompt_builder is None or info.folder != self._folder:
-            self.phase = "loading the processor"
+            self.phase = LoadPhase(load_phase.LOADING_PROCESSOR, "loading the processor")
             try:
                 self.prompt_builder = await asyncio.to_thread(PromptBuilder.from_folder, info.folder,
                                                               self.config.image_min_pixels,
@@ -351,5 +357,5 @@ class EngineClient:
             self._folder = info.folder
         self.info = info
         self._ready_at = time.monotonic()
-        self.phase = "ready"
+        self.phase = LoadPhase(load_phase.READY, "ready")
         self.state = EngineState.READY

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import load_phase
+from ..load_phase import LoadPhase
 from .allocation import BLOCK_SIZE
 from .grammar import StructuredOutputs
 from .loader import LoadedModel
@@ -84,11 +86,11 @@ def _in_flight(sequences: list[Sequence], tokens: torch.Tensor, logprobs: torch.
 
 class EngineCore:
     def __init__(self, loaded: LoadedModel, config: EngineConfig,
-                 report_phase: Callable[[str], None] = lambda phase: None):
+                 report_phase: Callable[[LoadPhase], None] = lambda phase: None):
         """Plans the KV cache into the memory the loaded model leaves and captures the decode graphs."""
         self.loaded = loaded
         self.config = config
-        report_phase("planning GPU memory for the KV cache")
+        report_phase(LoadPhase(load_phase.PLANNING_MEMORY, "planning GPU memory for the KV cache"))
         slots = config.max_num_seqs
         self._runner = ModelRunner(loaded, slots, config.max_len)
         planning = PromptBuilder(loaded.processor, config.image_min_pixels, config.image_max_pixels)
@@ -96,10 +98,11 @@ class EngineCore:
                                      prefill_tokens=max(config.max_len, config.prefill_token_budget),
                                      kv_cache_tokens=config.kv_cache_tokens)
         self.cuda_graphs = loaded.device.type == "cuda" and not config.enforce_eager
-        report_phase("capturing CUDA graphs" if self.cuda_graphs else "allocating the KV cache")
+        report_phase(LoadPhase(load_phase.CAPTURING_GRAPHS, "capturing CUDA graphs") if self.cuda_graphs
+                     else LoadPhase(load_phase.ALLOCATING_CACHE, "allocating the KV cache"))
         self._runner.allocate_cache(self.kv_blocks, self.cuda_graphs)
         self._sampler = BatchSampler(slots, loaded.vocab_size, loaded.device)
-        report_phase("preparing structured outputs for the tokenizer")
+        report_phase(LoadPhase(load_phase.PREPARING_GRAMMARS, "preparing structured outputs for the tokenizer"))
         self._grammars = StructuredOutputs(loaded.processor.tokenizer, loaded.vocab_size, loaded.stop_token_ids,
                                            loaded.device)
         self._compiling: dict[Sequence, futures.Future] = {}  # waiting for their grammar before they queue

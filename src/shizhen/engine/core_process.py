@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 import zmq
 
+from ..load_phase import LoadPhase
 from . import wire
 from .core import EngineConfig, EngineCore, EngineCoreBroken
 from .loader import LoadedModel
@@ -47,8 +48,8 @@ def run_engine_process(load: Callable[[Callable[[str], None]], LoadedModel], con
     def send(kind: str, payload=None) -> None:
         outbox.send(wire.pack(incarnation, kind, payload))
 
-    def report_phase(phase: str) -> None:
-        log.info("%s", phase)
+    def report_phase(phase: LoadPhase) -> None:
+        log.info("%s", phase.detail)
         send(wire.PHASE, phase)
 
     exit_code = 0

@@ -10,6 +10,9 @@ from pathlib import Path
 import torch
 from transformers import AutoProcessor, GenerationConfig, Qwen2_5_VLForConditionalGeneration
 
+from .. import load_phase
+from ..load_phase import LoadPhase
+
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 CPU_SIZED_CHECKPOINT_BYTES = 8 * 10**9  # above this, a CPU load takes many minutes and answers at seconds a token
 
@@ -67,15 +70,16 @@ def load_model(
     dtype: str = "auto",
     device_map: str = "auto",
     max_memory: dict[str, str] | None = None,
-    report_phase: Callable[[str], None] = lambda phase: None,
+    report_phase: Callable[[LoadPhase], None] = lambda phase: None,
 ) -> LoadedModel:
     torch_dtype = resolve_dtype(dtype)
     if not torch.cuda.is_available():
         device_map, max_memory = "cpu", None  # a GPU map or memory cap means nothing without a GPU
     max_memory = {int(k) if k.isdigit() else k: v for k, v in (max_memory or {}).items()} or None
-    report_phase(f"loading processor from {source}")
+    report_phase(LoadPhase(load_phase.LOADING_PROCESSOR, f"loading processor from {source}"))
     processor = AutoProcessor.from_pretrained(source)
-    report_phase(f"loading weights from {source} ({torch_dtype}, device_map={device_map})")
+    report_phase(LoadPhase(load_phase.LOADING_WEIGHTS,
+                           f"loading weights from {source} ({torch_dtype}, device_map={device_map})"))
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
         source, dtype=torch_dtype, device_map=device_map, max_memory=max_memory
     )

@@ -65,13 +65,15 @@ _MIX2 = -7723592293110705685  # 0x94D049BB133111EB
 
 
 def _uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
-    """U(0, 1) for every (row, token), a pure function of (seed, step, token id)."""
+    """U(0, 1) for every (row, token), a pure function of (seed, step, token id). 23 bits, so the largest value,
+    1 - 2^-24, stays below 1 in float32: at 1.0 the Gumbel term is +inf, which picks that token whatever its
+    probability, and a masked token (-inf) becomes NaN, which argmax picks too."""
     token_ids = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
     x = seeds[:, None] * _GOLDEN + steps[:, None] * _MIX1 + token_ids[None, :] * _MIX2
     x = (x ^ (x >> 31)) * _MIX1
     x = (x ^ (x >> 29)) * _MIX2
     x = x ^ (x >> 32)
-    return ((x & 0xFFFFFF).float() + 0.5) / float(1 << 24)
+    return ((x & 0x7FFFFF).float() + 0.5) / float(1 << 23)
 
 
 class BatchSampler:
