@@ -394,6 +394,22 @@ def test_consultations_survive_a_reload_and_can_be_reopened_or_deleted(server, o
     assert page.inner_text(".msg.user .body") == "第一次问诊：舌淡苔白"
 
 
+def test_a_new_chat_mid_answer_keeps_the_first_consultation_as_it_stopped(start_server, long_answers, open_page):
+    server = start_server()
+    page = open_page(server.url)
+    _wait_ready(page)
+    _ask(page, "第一次问诊", max_tokens=3000)
+    page.wait_for_function("() => (document.querySelector('.msg.assistant .body')?.textContent.length || 0) > 20")
+    page.click("#new-chat")
+    assert page.locator(".msg").count() == 0
+    page.click("#toggle-history")
+    page.wait_for_selector("#history-list li:has-text('第一次问诊')")
+    page.click("#history-list li:has-text('第一次问诊') .open")
+    page.wait_for_selector(".msg.assistant .meta:has-text('stopped')")
+    assert not page.query_selector(".error-line"), "kept as stopped, not as interrupted"
+    assert len(_answer_text(page)) > 20
+
+
 def test_copy_regenerate_and_edit_messages(server, open_page, received_turns):
     page = open_page(server.url, permissions=["clipboard-read", "clipboard-write"])
     _wait_ready(page)

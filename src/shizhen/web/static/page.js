@@ -340,6 +340,7 @@ async function ask(event) {
    conversation, and an error says what went wrong with a Retry under it. */
 async function answer() {
   const message = { role: "assistant", text: "", pending: true };
+  const conversation = current;  // the user may open another one before this answer ends
   const controller = new AbortController();
   const messages = apiMessages();
   current.messages.push(message);
@@ -379,7 +380,7 @@ async function answer() {
           firstToken ??= performance.now() - started;
           message.text += choice.delta.content;
           frame ??= requestAnimationFrame(render);
-          if (Date.now() - lastSave > 1000) { lastSave = Date.now(); save(); }
+          if (Date.now() - lastSave > 1000) { lastSave = Date.now(); save(conversation); }
         }
       }
     }
@@ -394,7 +395,7 @@ async function answer() {
                      stopped: Boolean(message.stopped), length: finish === "length" };
     delete message.stopped;
     streaming = null;
-    renderConversation(); save();
+    renderConversation(); save(conversation);
     announce(message);
     if (message.error) poll();  // a broken stream often means the server changed: show it now, not at the next poll
     else renderComposerState();
@@ -422,10 +423,10 @@ function announce(message) {
   announcer.textContent = said.trim();
 }
 
-async function save() {
-  if (!current.messages.length) return;
-  current.updated = Date.now();
-  try { await conversations.save(structuredClone(current)); } catch { /* not kept: private mode or storage full */ }
+async function save(conversation = current) {
+  if (!conversation.messages.length) return;
+  conversation.updated = Date.now();
+  try { await conversations.save(structuredClone(conversation)); } catch { /* not kept: private mode or storage full */ }
   if (!$("history").hidden) renderHistory();
 }
 
