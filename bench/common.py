@@ -64,6 +64,7 @@ class Timeline:
     submitted: float
     outputs: list[tuple[float, int]] = field(default_factory=list)  # (time, tokens in that output)
     token_ids: list[int] = field(default_factory=list)
+    cached_tokens: int | None = None  # prompt tokens the engine found in its prefix cache
 
     @property
     def first(self) -> float:
@@ -97,10 +98,11 @@ def run_core(core, requests: list, arrivals: list[float]) -> list[Timeline]:
             core.add(request)
         outputs = core.step() if core.has_work else core.take_outputs()
         now = time.perf_counter()
-        for request_id, tokens, finish_reason, error, _ in outputs:
+        for request_id, tokens, finish_reason, error, _logprobs, cached_tokens in outputs:
             if error:
                 raise RuntimeError(f"{request_id}: {error}")
             timeline = timelines[request_id]
+            timeline.cached_tokens = cached_tokens
             timeline.outputs.append((now, len(tokens)))
             timeline.token_ids += tokens
             if finish_reason:

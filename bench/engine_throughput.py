@@ -142,7 +142,8 @@ def start_engine(loaded: LoadedModel, args) -> EngineCore:
     return EngineCore(loaded, EngineConfig(
         max_len=args.max_len, image_min_pixels=defaults.image_min_pixels, image_max_pixels=defaults.image_max_pixels,
         max_num_seqs=args.max_num_seqs, gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.eager,
-        kv_cache_tokens=args.kv_cache_tokens))
+        kv_cache_tokens=args.kv_cache_tokens,
+        prefill_token_budget=getattr(args, "prefill_token_budget", defaults.prefill_token_budget)))
 
 
 def engine_benchmarks(engine: EngineCore, loaded: LoadedModel, text_bytes: int, rows: list[dict], args) -> None:
@@ -159,10 +160,10 @@ def engine_benchmarks(engine: EngineCore, loaded: LoadedModel, text_bytes: int, 
         emit(rows, {"bench": "engine_text_ttft", "prompt_tokens": length,
                     "ttft_ms": round((one.first - one.submitted) * 1e3, 1)})
 
-    image = image_prompt(loaded)
-    run_requests(engine, [image], [1], [0])  # warm-up of the vision tower
+    run_requests(engine, [image_prompt(loaded)], [1], [0])  # warm-up of the vision tower
     ttfts = []
     for _ in range(3):
+        image = image_prompt(loaded)  # a new photo each time: a resent one would come from the caches
         [one] = run_requests(engine, [image], [1], [0])
         ttfts.append(one.first - one.submitted)
     emit(rows, {"bench": "engine_image_ttft", "image": "448x448", "prompt_tokens": image.num_tokens,
@@ -250,13 +251,19 @@ def check(args) -> list[dict]:
             ids = loaded.model.generate(**inputs, max_new_tokens=limit, min_new_tokens=limit, do_sample=False)
             expected.append(loaded.processor.tokenizer.decode(ids[0, prompt.num_tokens:], skip_special_tokens=True))
     engine = start_engine(loaded, args)
-    results = run_requests(engine, prompts, max_tokens, [0.0, 0.01, 0.03, 0.05, 0.2])
-    texts = [loaded.processor.tokenizer.decode(timeline.token_ids, skip_special_tokens=True) for timeline in results]
-    for index, (text, reference) in enumerate(zip(texts, expected)):
-        common = next((i for i, (a, b) in enumerate(zip(text, reference)) if a != b), min(len(text), len(reference)))
-        emit(rows, {"bench": "greedy_check", "request": index, "image": prompts[index].pixel_values is not None,
-                    "max_tokens": max_tokens[index], "identical": text == reference,
-                    "matching_chars": common, "chars": len(reference)})
+    # first as they come; then again in prefill chunks of 64 tokens (boundaries inside the images), from the
+    # prefix cache the first run filled (bench-only switch of the step budget)
+    for run in ("whole prompts", "64-token chunks + prefix cache"):
+        results = run_requests(engine, prompts, max_tokens, [0.0, 0.01, 0.03, 0.05, 0.2])
+        texts = [loaded.processor.tokenizer.decode(timeline.token_ids, skip_special_tokens=True)
+                 for timeline in results]
+        for index, (text, reference) in enumerate(zip(texts, expected)):
+            common = next((i for i, (a, b) in enumerate(zip(text, reference)) if a != b),
+                          min(len(text), len(reference)))
+            emit(rows, {"bench": "greedy_check", "run": run, "request": index,
+                        "image": prompts[index].pixel_values is not None, "max_tokens": max_tokens[index],
+                        "identical": text == reference, "matching_chars": common, "chars": len(reference)})
+        engine._scheduler._prefill_token_budget = 64
     return rows
 
 
@@ -271,6 +278,8 @@ def main() -> None:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.95)
     parser.add_argument("--eager", action="store_true")
     parser.add_argument("--kv-cache-tokens", type=int, help="cap the KV cache (small: the runs preempt)")
+    parser.add_argument("--prefill-token-budget", type=int, default=Settings().prefill_token_budget,
+                        help="prompt tokens prefilled per step (the server's default)")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: bf16 on GPU")
     parser.add_argument("--concurrency", type=int, nargs="*", default=[8, 32, 64])
     parser.add_argument("--photo-concurrency", type=int, nargs="*", default=[64],

@@ -7,7 +7,14 @@ from __future__ import annotations
 import threading
 import time
 
-from conftest import generate_greedy, image_data_url, tongue_photo
+import pytest
+from conftest import TEST_LIMITS, generate_greedy, image_data_url, tongue_photo
+
+from shizhen.engine.core import EngineConfig, EngineCore
+from shizhen.engine.loader import load_model
+from shizhen.engine.prompt import ChatTurn, PromptBuilder
+from shizhen.engine.request import GenerationRequest
+from shizhen.engine.sampling import SamplingParams
 
 QUESTIONS = ["舌红苔黄", "请从中医角度解读这张舌苔。舌体胖大有齿痕，苔白腻。", "What does a pale tongue mean?"]
 
@@ -57,12 +64,20 @@ def _assert_each_matches_generate_alone(server, cases, replies) -> None:
         assert reply["usage"]["completion_tokens"] == count
 
 
-def test_staggered_batched_requests_match_generate_alone(server):
+@pytest.mark.parametrize("prefill_token_budget", [2048, 16], ids=["whole-prompts", "chunks-of-16"])
+def test_staggered_batched_requests_match_generate_alone(start_server, prefill_token_budget):
+    """Also with prompts prefilled 16 tokens a step (chunk boundaries inside images, and prompts prefilling while
+    others decode), and once more from the prefix cache: the same answers."""
+    server = start_server(prefill_token_budget=prefill_token_budget)
     cases = _cases()
     replies, peak_running = _ask_staggered(server, cases)
     assert peak_running >= 3, "the requests should have shared decode steps"
     _assert_each_matches_generate_alone(server, cases, replies)
     assert server.engine.stats.preemptions == 0
+    again, _ = _ask_staggered(server, cases)
+    assert [again[i]["choices"] for i in range(len(cases))] == [replies[i]["choices"] for i in range(len(cases))]
+    assert all(again[i]["usage"]["prompt_tokens_details"]["cached_tokens"] > 0 for i in range(len(cases))
+               if replies[i]["usage"]["prompt_tokens"] > 64)
 
 
 def test_preempted_requests_resume_and_still_match_generate_alone(start_server):
@@ -124,3 +139,28 @@ def test_a_preempted_seeded_request_draws_what_it_would_have_drawn(start_server)
     cramped = start_server(max_context_length=256, kv_cache_tokens=256)
     assert answers(cramped) == answers(roomy)
     assert cramped.engine.stats.preemptions > 0 and roomy.engine.stats.preemptions == 0
+
+
+def test_a_long_prompt_arriving_never_holds_back_a_decoding_stream(tiny_checkpoint):
+    """Prefilled in chunks of the step's token budget, a long prompt shares every step with the stream already
+    decoding: each step still gives that stream its next token, and the long prompt's first token comes after
+    as many steps as it has chunks."""
+    loaded = load_model(str(tiny_checkpoint))
+    config = EngineConfig(max_len=2048, image_min_pixels=TEST_LIMITS["image_min_pixels"],
+                          image_max_pixels=TEST_LIMITS["image_max_pixels"], max_num_seqs=4, prefill_token_budget=64)
+    core = EngineCore(loaded, config)
+    builder = PromptBuilder(loaded.processor, config.image_min_pixels, config.image_max_pixels)
+    core.add(GenerationRequest("decoding", builder.build([ChatTurn("user", ("舌红",))]),
+                               SamplingParams(max_new_tokens=500, ignore_eos=True)))
+    while not any(output[0] == "decoding" and output[1] for output in core.step()):
+        pass
+    long_prompt = builder.build([ChatTurn("user", ("舌苔黄腻，脉滑数。" * 60,))])
+    core.add(GenerationRequest("long", long_prompt, SamplingParams(max_new_tokens=3)))
+    steps = 0
+    while True:
+        outputs = {output[0]: output for output in core.step()}
+        steps += 1
+        assert len(outputs["decoding"][1]) == 1, f"step {steps} gave the decoding stream no token"
+        if "long" in outputs:
+            break
+    assert steps >= long_prompt.num_tokens // 64 > 5

@@ -14,6 +14,7 @@ from shizhen.engine.prompt import ChatTurn, PromptBuilder, PromptInputs
 from shizhen.engine import wire
 from shizhen.engine.request import GenerationRequest
 from shizhen.engine.sampling import BatchSampler, SamplingParams, SlotHistory
+from shizhen.engine.allocation import BlockPool
 from shizhen.engine.scheduler import Scheduler
 from shizhen.engine.sequence import Sequence
 from shizhen.engine.vision_attention import use_packed_vision_attention
@@ -108,9 +109,24 @@ def test_a_slot_set_up_from_history_draws_what_the_uninterrupted_one_would():
     assert [int(resumed.sample(logits, [1], rows)[0]) for _ in range(7)] == uninterrupted[5:]
 
 
-def _sequence(prompt_tokens: int, max_new_tokens: int = 16) -> Sequence:
-    prompt = PromptInputs(input_ids=torch.zeros(1, prompt_tokens, dtype=torch.long))
+IMAGE_TOKEN = 10**6
+
+
+def _sequence(prompt_tokens: int, max_new_tokens: int = 16, first_token: int = 0,
+              images: tuple[str, ...] = ()) -> Sequence:
+    """A sequence whose prompt is token ids counting up from `first_token`; with `images`, its tokens 10-19,
+    30-39, ... are those images' placeholders."""
+    ids = torch.arange(first_token, first_token + prompt_tokens).view(1, -1)
+    for index in range(len(images)):
+        ids[0, 10 + 20 * index : 20 + 20 * index] = IMAGE_TOKEN
+    prompt = PromptInputs(input_ids=ids, image_token_id=IMAGE_TOKEN if images else None, image_hashes=images)
     return Sequence(GenerationRequest("r", prompt, SamplingParams(max_new_tokens=max_new_tokens)), frozenset(), seed=0)
+
+
+def _produce(sequence: Sequence, tokens: int) -> None:
+    """`tokens` more collected tokens (the last one is fed by the next step)."""
+    sequence.output_ids += [7] * tokens
+    sequence.produced = sequence.sampled = len(sequence.output_ids)
 
 
 def test_admission_waits_for_kv_blocks_as_well_as_slots():
@@ -118,46 +134,105 @@ def test_admission_waits_for_kv_blocks_as_well_as_slots():
     one that does not fit waits, and so do the requests behind it, until running ones give blocks back. While
     others run, a watermark of free blocks stays for them to grow into. Block 0 (scratch) is never handed out."""
     scheduler = Scheduler(slots=4, blocks=1 + 5, prefill_token_budget=8192)  # 5 blocks of 64 positions
-    for prompt_tokens in (100, 60, 200, 10):
-        scheduler.add(_sequence(prompt_tokens, max_new_tokens=4000))
-    first = scheduler.admissions()
-    assert [len(admission.blocks) for admission in first] == [2, 1]  # the third needs 4 and 1 more stays free
+    for index, prompt_tokens in enumerate((100, 60, 200, 10)):
+        scheduler.add(_sequence(prompt_tokens, max_new_tokens=4000, first_token=1000 * index))
+    first = scheduler.prefill_chunks()
+    assert [len(chunk.blocks) for chunk in first] == [2, 1]  # the third needs 4 and 1 more stays free
     assert scheduler.kv_usage == 3 / 5 and len(scheduler.waiting) == 2
-    for admission in first:
-        scheduler.release(admission.slot)
-    second = scheduler.admissions()
-    assert [len(admission.blocks) for admission in second] == [4] and len(scheduler.waiting) == 1
+    for chunk in first:
+        scheduler.release(chunk.sequence.slot)
+    second = scheduler.prefill_chunks()
+    assert [len(chunk.blocks) for chunk in second] == [4] and len(scheduler.waiting) == 1
     assert 0 not in second[0].blocks
 
 
+def test_a_long_prompt_is_prefilled_in_chunks_within_the_budget_and_others_share_the_step():
+    scheduler = Scheduler(slots=4, blocks=1 + 20, prefill_token_budget=100)
+    long, short = _sequence(250), _sequence(30, first_token=5000)
+    scheduler.add(long)
+    scheduler.add(short)
+    steps = []
+    while chunks := scheduler.prefill_chunks():
+        steps.append([(chunk.sequence, chunk.start, chunk.end, chunk.final) for chunk in chunks])
+        assert scheduler.decode_batch() == []  # none decodes before its prompt is prefilled
+        scheduler.prefilled(chunks)
+    assert steps == [[(long, 0, 100, False)], [(long, 100, 200, False)],
+                     [(long, 200, 250, True), (short, 0, 30, True)]]
+    assert scheduler.decode_batch() == [long, short]
+
+
+def test_a_cached_prefix_is_taken_not_computed_and_only_full_blocks_are_shared():
+    """A prompt that begins like an earlier one (its blocks written and released) gets the full blocks they
+    share and prefills the rest; its last token is always computed (its logits are needed), and a block that
+    holds different images is not shared although the token ids are the same."""
+    scheduler = Scheduler(slots=4, blocks=1 + 20, prefill_token_budget=8192)
+    first = _sequence(200, images=("photo-a",))
+    scheduler.add(first)
+    [first_chunk] = scheduler.prefill_chunks()
+    scheduler.prefilled([first_chunk])
+    scheduler.release(first.slot)  # its 3 full blocks stay cached
+
+    def admitted(sequence):
+        scheduler.add(sequence)
+        [chunk] = scheduler.prefill_chunks()
+        scheduler.prefilled([chunk])
+        return chunk
+
+    same_start = _sequence(150, images=("photo-a",))  # shares 150 tokens: 2 full blocks
+    chunk = admitted(same_start)
+    assert (chunk.start, chunk.end, same_start.cached_tokens) == (128, 150, 128)
+    assert chunk.blocks[:2] == first_chunk.blocks[:2]
+    exactly = _sequence(192, images=("photo-a",))  # all 3 blocks match, but the last token must be computed
+    assert admitted(exactly).start == 128
+    other_photo = _sequence(200, images=("photo-b",))  # same ids, another image in block 0
+    assert admitted(other_photo).start == 0 and other_photo.cached_tokens == 0
+    assert (scheduler.prefix_queried_tokens, scheduler.prefix_hit_tokens) == (200 + 150 + 192 + 200, 256)
+
+
+def test_cached_blocks_are_evicted_least_recently_used_and_only_when_needed():
+    pool = BlockPool(range(1, 5))
+    a, b = pool.allocate(2), pool.allocate(1)
+    pool.register(a[0], b"a0")
+    pool.register(a[1], b"a1")
+    pool.register(b[0], b"b0")
+    pool.release(a)
+    pool.release(b)
+    assert pool.free == 4 and pool.cached([b"a0", b"a1"]) == a and pool.cached([b"b0"]) == b
+    assert pool.allocate(1) == [4]  # the never-used block first
+    pool.take(pool.cached([b"b0"]))  # held again: b is now the most recent use, and cannot be evicted
+    assert pool.allocate(1) == [a[1]]  # a's last block goes before its first
+    assert pool.cached([b"a0", b"a1"]) == [a[0]]
+    assert pool.allocate(2) is None and pool.allocate(1) == [a[0]] and pool.cached([b"a0"]) == []
+    assert pool.cached([b"b0"]) == b and pool.free == 0
+
+
 def test_sequences_grow_block_by_block_and_the_newest_is_preempted_when_none_is_left():
+    """The preempted sequence's written blocks stay cached while others can do without them: when it comes back
+    it recomputes only what is not."""
     scheduler = Scheduler(slots=3, blocks=1 + 4, prefill_token_budget=8192)
     scheduler.add(_sequence(60))
-    scheduler.add(_sequence(60))
-    older, newer = (admission.sequence for admission in scheduler.admissions())  # running from here
-    for slot, sequence in enumerate((older, newer)):
-        sequence.place(slot)
+    scheduler.add(_sequence(60, first_token=500))
+    chunks = scheduler.prefill_chunks()
+    older, newer = (chunk.sequence for chunk in chunks)  # running from here
+    scheduler.prefilled(chunks)
     assert scheduler.outgrowing() == []  # the next step writes position 60: block 1 of 1
-
-    def produce(sequence: Sequence, tokens: int) -> None:  # all collected: the last one is fed by the next step
-        sequence.output_ids += [7] * tokens
-        sequence.produced = sequence.sampled = len(sequence.output_ids)
-
-    produce(older, 5)
-    produce(newer, 5)
+    _produce(older, 5)
+    _produce(newer, 5)
     assert scheduler.outgrowing() == [older, newer]  # both write position 64 next
-    assert scheduler.grow(older)[0] == 1 and scheduler.grow(newer)[0] == 1
-    produce(older, 64)
+    assert scheduler.grow(older) == (1, 3) and scheduler.grow(newer) == (1, 4)
+    _produce(older, 64)
     assert scheduler.outgrowing() == [older] and scheduler.grow(older) is None  # all 4 blocks are held
     assert scheduler.preempt_newest() is newer
     assert list(scheduler.running.values()) == [older] and list(scheduler.waiting) == [newer]
-    assert scheduler.grow(older) == (2, 2)  # column 2 of its table: block 2, which the newer one gave back
+    assert scheduler.grow(older) == (2, 4)  # the block the newer one wrote no full block into, not its cached one
 
-    assert scheduler.admissions() == []  # the newer one's 65 tokens need 2 blocks; 1 is free
+    assert scheduler.prefill_chunks() == []  # the newer one's 65 tokens need block 2 (cached) and one more
     scheduler.release(older.slot)
-    [admission] = scheduler.admissions()
-    assert admission.sequence is newer and len(admission.blocks) == 2
-    assert newer.place(admission.slot).input_ids.shape[1] == 60 + 5 and newer.cache_len == 65
+    [chunk] = scheduler.prefill_chunks()
+    assert chunk.sequence is newer and chunk.blocks[0] == 2 and len(chunk.blocks) == 2
+    assert (chunk.start, chunk.end) == (64, 65)  # the cached block holds its first 64 tokens
+    scheduler.prefilled([chunk])
+    assert newer.cache_len == 65
 
 
 def test_a_request_crosses_to_the_engine_process_intact(tiny_checkpoint):

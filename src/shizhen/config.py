@@ -72,8 +72,14 @@ class Settings(BaseSettings):
     kv_cache_tokens: int | None = Field(
         None, ge=64, description="Cap the KV cache at this many tokens (default: all that memory planning leaves).")
     prefill_token_budget: int = Field(
-        8192, ge=16, description="Prompt tokens prefilled between two decode steps (at least one prompt)."
-    )
+        2048, ge=16, description="Prompt tokens prefilled per engine step, between two decode steps; longer prompts "
+                                 "are prefilled in chunks, so running streams wait at most one chunk per token.")
+    enable_prefix_caching: bool = Field(
+        True, description="Keep full KV blocks after their request, for later prompts with the same beginning "
+                          "(a conversation's next turn, its photo, a shared system prompt).")
+    image_cache_tokens: int = Field(
+        16384, ge=0, description="Vision-tower outputs kept on the GPU (in image tokens; a 448x448 photo is 256) so "
+                                 "a photo sent again skips the tower; taken from the KV cache's memory.")
     engine_max_restarts: int = Field(
         3, ge=0, description="Engine processes that may die in a row (a CUDA fault, killed) and be replaced before "
                              "the engine counts as failed; one that served 10 minutes resets the count.")

@@ -371,7 +371,7 @@ class ChatService:
             model=self._settings.model_name,
             choices=[Choice(message=message, finish_reason=finish_reason,
                             logprobs=self.chat_logprobs(request, logprobs))],
-            usage=usage_of(request, output.completion_tokens),
+            usage=usage_of(request, output),
         )
 
     async def complete_text(self, request: GenerationRequest) -> TextCompletion:
@@ -383,7 +383,7 @@ class ChatService:
             model=self._settings.model_name,
             choices=[TextChoice(text=text, finish_reason=output.finish_reason,
                                 logprobs=self.text_logprobs(request, logprobs))],
-            usage=usage_of(request, output.completion_tokens),
+            usage=usage_of(request, output),
         )
 
     async def _answer(self, request: GenerationRequest) -> tuple[str, GenerationOutput, list]:

@@ -15,6 +15,7 @@ from .protocol import (
     ChunkChoice,
     Delta,
     FunctionCallDelta,
+    PromptTokensDetails,
     TextChoice,
     TextCompletion,
     ToolCallDelta,
@@ -31,11 +32,14 @@ def sse(payload: BaseModel) -> str:
     return f"data: {payload.model_dump_json()}\n\n"
 
 
-def usage_of(request: GenerationRequest, completion_tokens: int) -> Usage:
+def usage_of(request: GenerationRequest, output: GenerationOutput | None) -> Usage:
+    """The usage after `output` (None: before any), with the prompt tokens found in the prefix cache once known."""
     prompt_tokens = request.prompt.num_tokens
-    return Usage(
-        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
-    )
+    completion_tokens = output.completion_tokens if output is not None else 0
+    cached = output.cached_tokens if output is not None else None
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached) if cached is not None else None)
 
 
 class ContentChunks:
@@ -77,11 +81,11 @@ class ChunkShape(ABC):
     @abstractmethod
     def finish(self, output: GenerationOutput) -> str: ...
 
-    def _so_far(self, completion_tokens: int) -> Usage | None:
-        return usage_of(self._request, completion_tokens) if self._continuous else None
+    def _so_far(self, output: GenerationOutput | None) -> Usage | None:
+        return usage_of(self._request, output) if self._continuous else None
 
     def usage(self, output: GenerationOutput) -> str:
-        return self._line([], usage_of(self._request, output.completion_tokens))
+        return self._line([], usage_of(self._request, output))
 
     @abstractmethod
     def _line(self, choices: list, usage: Usage | None) -> str:
@@ -102,7 +106,7 @@ class ChatChunks(ChunkShape):
                                        choices=choices, usage=usage))
 
     def opening(self) -> list[str]:
-        return [self._line([ChunkChoice(delta=Delta(role="assistant", content=""))], self._so_far(0))]
+        return [self._line([ChunkChoice(delta=Delta(role="assistant", content=""))], self._so_far(None))]
 
     def content(self, output: GenerationOutput) -> str:
         if self._calls is not None:
@@ -120,16 +124,16 @@ class ChatChunks(ChunkShape):
                                     function=FunctionCallDelta(name=call.name, arguments=call.arguments))
                       for call in calls] or None
         return self._line([ChunkChoice(delta=Delta(content=text, tool_calls=tool_calls), logprobs=logprobs)],
-                          self._so_far(output.completion_tokens))
+                          self._so_far(output))
 
     def finish(self, output: GenerationOutput) -> str:
         reason, held = output.finish_reason, ""
         if self._calls is not None:
             if text := self._calls.flush():
-                held = self._line([ChunkChoice(delta=Delta(content=text))], self._so_far(output.completion_tokens))
+                held = self._line([ChunkChoice(delta=Delta(content=text))], self._so_far(output))
             reason = self._tools.finish_reason(reason, self._calls.calls > 0)
         return held + self._line([ChunkChoice(delta=Delta(), finish_reason=reason)],
-                                 self._so_far(output.completion_tokens))
+                                 self._so_far(output))
 
 
 class TextChunks(ChunkShape):
@@ -150,8 +154,8 @@ class TextChunks(ChunkShape):
         logprobs = self._service.text_logprobs(self._request, output.logprobs or [], self._offset)
         if logprobs is not None:  # offsets count the tokens' own texts, as vLLM's do
             self._offset += sum(map(len, logprobs.tokens))
-        return self._line([TextChoice(text=output.text, logprobs=logprobs)], self._so_far(output.completion_tokens))
+        return self._line([TextChoice(text=output.text, logprobs=logprobs)], self._so_far(output))
 
     def finish(self, output: GenerationOutput) -> str:
         return self._line([TextChoice(text="", finish_reason=output.finish_reason)],
-                          self._so_far(output.completion_tokens))
+                          self._so_far(output))

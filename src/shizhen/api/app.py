@@ -109,6 +109,8 @@ def engine_config(settings: Settings) -> EngineConfig:
         enforce_eager=settings.enforce_eager,
         kv_cache_tokens=settings.kv_cache_tokens,
         prefill_token_budget=settings.prefill_token_budget,
+        prefix_caching=settings.enable_prefix_caching,
+        image_cache_tokens=settings.image_cache_tokens,
     )
 
 

@@ -25,7 +25,7 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import zmq
@@ -72,9 +72,18 @@ class EngineStats:
     running: int = 0
     waiting: int = 0
     kv_usage: float = 0.0  # share of the KV cache held by running sequences (0-1)
-    preemptions: int = 0  # since the server started (every engine process's)
-    tokens_generated: int = 0  # since the server started
+    # counters since the server started, every engine process's added up
+    preemptions: int = 0
+    tokens_generated: int = 0
+    prefix_queried_tokens: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_hit_tokens: int = 0  # of which found
+    image_cache_hits: int = 0  # images whose vision-tower output was cached
+    image_cache_misses: int = 0
     gpu_memory: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+COUNTERS = ("preemptions", "tokens_generated", "prefix_queried_tokens", "prefix_hit_tokens", "image_cache_hits",
+            "image_cache_misses")
 
 
 class RequestStream:
@@ -93,10 +102,13 @@ class RequestStream:
         self._arrived = asyncio.Event()
         self._engine_done = False  # the engine ended it, or was told to
         self.has_output = False
+        self.cached_tokens: int | None = None  # prompt tokens found in the engine's prefix cache
 
     # --- the engine's side -----------------------------------------------------------------------------------------
-    def put(self, tokens: list[int], finish_reason: str | None, logprobs: list | None = None) -> None:
+    def put(self, tokens: list[int], finish_reason: str | None, logprobs: list | None = None,
+            cached_tokens: int | None = None) -> None:
         self.has_output = True
+        self.cached_tokens = cached_tokens if cached_tokens is not None else self.cached_tokens
         self._engine_done = self._engine_done or finish_reason is not None
         self._items.append((tokens, finish_reason, logprobs))
         self._arrived.set()
@@ -131,7 +143,7 @@ class RequestStream:
             if item[2] is not None:
                 logprobs = (logprobs or []) + item[2]
         try:
-            output = self._assembler.feed(tokens, finish_reason, logprobs)
+            output = replace(self._assembler.feed(tokens, finish_reason, logprobs), cached_tokens=self.cached_tokens)
         except Exception as exc:  # detokenizing: this request's own failure only
             log.exception("turning the tokens of request %s into text failed", self.request.request_id)
             self.cancel()
@@ -243,8 +255,7 @@ class EngineClient:
             return
         code = process.exitcode
         cause = f"exit code {code}" + (f": {self._last_failure}" if self._last_failure else "")
-        self._counted_before = self.stats = EngineStats(preemptions=self.stats.preemptions,
-                                                        tokens_generated=self.stats.tokens_generated)
+        self._counted_before = self.stats = EngineStats(**{name: getattr(self.stats, name) for name in COUNTERS})
         if self._ready_at is None:  # it never served: a start-up that fails would fail again
             self._fail_live(EngineFailure(f"the engine failed to start ({cause})"))
             if self.state is not EngineState.FAILED:
@@ -319,7 +330,7 @@ class EngineClient:
     async def _handle(self, kind: str, payload) -> None:
         if kind == wire.OUTPUTS:
             outputs, stats = payload
-            for request_id, tokens, finish_reason, error, logprobs in outputs:
+            for request_id, tokens, finish_reason, error, logprobs, cached_tokens in outputs:
                 stream = self._live.get(request_id)
                 if stream is None:
                     continue  # aborted meanwhile
@@ -327,12 +338,11 @@ class EngineClient:
                     del self._live[request_id]
                     stream.fail(EngineFailure(error))
                     continue
-                stream.put(tokens, finish_reason, logprobs)
+                stream.put(tokens, finish_reason, logprobs, cached_tokens)
                 if finish_reason is not None:
                     del self._live[request_id]
             before = self._counted_before
-            self.stats = EngineStats(**stats | {"preemptions": stats["preemptions"] + before.preemptions,
-                                                "tokens_generated": stats["tokens_generated"] + before.tokens_generated})
+            self.stats = EngineStats(**stats | {name: stats[name] + getattr(before, name) for name in COUNTERS})
         elif kind == wire.PHASE:
             self.phase = LoadPhase(*payload)
         elif kind == wire.READY:

@@ -2,9 +2,9 @@
 batched loop. No IO, no threads: the engine process (core_process.py) feeds it requests and aborts and sends what
 each step returns; benchmarks drive it directly.
 
-Each step plans (aborted sequences end, waiting ones are admitted), launches (their prefill, one more KV block for
-sequences that fill their last one, then one decode step for the whole batch) and collects the previous step's
-tokens while this one runs on the GPU. Decode feeds the sampled tokens back on the device, so the host's per-token
+Each step plans (aborted sequences end, the step's prompt chunks are chosen, admitting waiting sequences), launches
+(the chunks' prefill, one more KV block for sequences that fill their last one, then one decode step for every
+sequence done prefilling) and collects the previous step's tokens while this one runs on the GPU. Decode feeds the sampled tokens back on the device, so the host's per-token
 work overlaps the next step instead of stalling it; a sequence that finished is simply dropped from the step already
 in flight. Preemption is decided in one place (`_make_room`), failure in one place (`_end` with an error, after
 `_recover`).
@@ -26,17 +26,17 @@ from .allocation import BLOCK_SIZE
 from .grammar import StructuredOutputs
 from .loader import LoadedModel
 from .memory import plan_blocks
-from .model_runner import DecodeRow, ModelRunner
+from .model_runner import DecodeRow, ModelRunner, PrefillRow
 from .prompt import PromptBuilder
 from .request import GenerationRequest
 from .sampling import BatchSampler, SlotHistory
-from .scheduler import Admission, Scheduler
+from .scheduler import PrefillChunk, Scheduler
 from .sequence import Sequence
 
 log = logging.getLogger(__name__)
 
 # one request's share of a step's result: [request_id, new token ids, finish reason or None, error or None,
-# per new token [logprob, top ids, top logprobs] or None]
+# per new token [logprob, top ids, top logprobs] or None, prompt tokens found in the prefix cache or None]
 Output = list
 
 
@@ -49,7 +49,9 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.92
     enforce_eager: bool = False  # no CUDA graphs: slower, but debuggable
     kv_cache_tokens: int | None = None  # at most this much KV cache, whatever memory planning allows
-    prefill_token_budget: int = 8192  # prompt tokens prefilled between two decode steps (at least one prompt)
+    prefill_token_budget: int = 2048  # prompt tokens prefilled per step, between two decode steps (longer: chunks)
+    prefix_caching: bool = True  # full KV blocks outlive their request, for later prompts with the same prefix
+    image_cache_tokens: int = 16384  # vision-tower outputs kept for photos sent again (image tokens)
 
 
 class EngineCoreBroken(RuntimeError):
@@ -92,7 +94,7 @@ class EngineCore:
         self.config = config
         report_phase(LoadPhase(load_phase.PLANNING_MEMORY, "planning GPU memory for the KV cache"))
         slots = config.max_num_seqs
-        self._runner = ModelRunner(loaded, slots, config.max_len)
+        self._runner = ModelRunner(loaded, slots, config.max_len, config.image_cache_tokens)
         planning = PromptBuilder(loaded.processor, config.image_min_pixels, config.image_max_pixels)
         self.kv_blocks = plan_blocks(self._runner, planning, config.max_len, slots, config.gpu_memory_utilization,
                                      prefill_tokens=max(config.max_len, config.prefill_token_budget),
@@ -107,7 +109,7 @@ class EngineCore:
                                            loaded.device)
         self._compiling: dict[Sequence, futures.Future] = {}  # waiting for their grammar before they queue
         self._next_tokens = torch.zeros(slots, dtype=torch.long, device=loaded.device)  # per slot, on the device
-        self._scheduler = Scheduler(slots, self.kv_blocks, config.prefill_token_budget)
+        self._scheduler = Scheduler(slots, self.kv_blocks, config.prefill_token_budget, config.prefix_caching)
         self._sequences: dict[str, Sequence] = {}  # every unfinished one, waiting or running
         self._in_flight: list[InFlightStep] = []  # launched, not yet collected, in launch order
         self._outbox: dict[str, Output] = {}  # what this step tells the API process, per request
@@ -126,10 +128,12 @@ class EngineCore:
                 "sampling_defaults": loaded.sampling_defaults, "folder": loaded.folder}
 
     def stats(self) -> dict:
-        scheduler = self._scheduler
+        scheduler, images = self._scheduler, self._runner.image_encodings
         return {"running": len(scheduler.running), "waiting": len(scheduler.waiting),
                 "kv_usage": round(scheduler.kv_usage, 4), "preemptions": self.preemptions,
-                "tokens_generated": self.tokens_generated}
+                "tokens_generated": self.tokens_generated, "prefix_queried_tokens": scheduler.prefix_queried_tokens,
+                "prefix_hit_tokens": scheduler.prefix_hit_tokens, "image_cache_hits": images.hits,
+                "image_cache_misses": images.misses}
 
     @property
     def has_work(self) -> bool:
@@ -173,15 +177,20 @@ class EngineCore:
         self._queue_compiled()
         for sequence in scheduler.aborted():
             self._end(sequence)
-        if admitted := scheduler.admissions():
-            self._prefill_isolated(admitted)
+        chunks = scheduler.prefill_chunks()
         try:
-            if scheduler.running:
+            if chunks and scheduler.decode_batch():
+                self._grow_blocks()  # that may preempt, sequences with a chunk planned too
+                chunks = [chunk for chunk in chunks if scheduler.is_running(chunk.sequence)]
+                self._launch_together(scheduler.decode_batch(), chunks)
+            else:
+                if chunks:
+                    self._prefill_isolated(chunks)
                 self._grow_blocks()
-            if scheduler.running:
-                self._in_flight.append(self._launch_decode())
+                if batch := scheduler.decode_batch():  # after growing: that may preempt
+                    self._in_flight.append(self._launch_decode(batch))
             # the newest step stays queued on the GPU while the host hands out the tokens of the ones before it
-            # (a prefill's first tokens go out as soon as it is done, not one decode step later)
+            # (a prefill alone's first tokens go out as soon as it is done, not one decode step later)
             while len(self._in_flight) > 1:
                 self._collect(self._in_flight.pop(0))
         except Exception as exc:
@@ -219,40 +228,73 @@ class EngineCore:
                 continue
             self._scheduler.add(sequence)
 
-    def _prefill_isolated(self, admitted: list[Admission]) -> None:
-        """Prefill the admissions together; if that fails, once more one by one, so that only a request that fails
+    def _prefill_isolated(self, chunks: list[PrefillChunk]) -> None:
+        """Prefill the chunks together; if that fails, once more one by one, so that only a request that fails
         on its own is failed (a failed prefill never takes running requests down either)."""
         try:
-            self._in_flight.append(self._prefill(admitted))
+            self._prefill(chunks)
             return
         except Exception as exc:
-            self._recover(exc, f"a prefill of {len(admitted)} requests")
-            if len(admitted) == 1:
-                self._end(admitted[0].sequence, exc)
+            self._recover(exc, f"a prefill of {len(chunks)} requests")
+            if len(chunks) == 1:
+                self._end(chunks[0].sequence, exc)
                 return
-        for admission in admitted:
+        for chunk in chunks:
             try:
-                self._in_flight.append(self._prefill([admission]))
+                self._prefill([chunk])
             except Exception as exc:
-                self._recover(exc, f"the prefill of request {admission.sequence.request_id} alone")
-                self._end(admission.sequence, exc)
+                self._recover(exc, f"the prefill of request {chunk.sequence.request_id} alone")
+                self._end(chunk.sequence, exc)
 
-    def _prefill(self, admitted: list[Admission]) -> InFlightStep:
-        """Queue the prompts' prefill and first-token sampling; the new sequences join the decode batch at once
-        and their first tokens reach the host with the next collection. A preempted sequence coming back
-        prefills its prompt and the tokens it produced."""
-        sequences = [admission.sequence for admission in admitted]
-        prompts = [sequence.place(admission.slot) for sequence, admission in zip(sequences, admitted, strict=True)]
-        logits, rope_deltas = self._runner.prefill([(admission.slot, admission.blocks, prompt)
-                                                    for admission, prompt in zip(admitted, prompts, strict=True)])
+    def _prefill(self, chunks: list[PrefillChunk]) -> None:
+        logits, rope_deltas = self._runner.prefill(_prefill_rows(chunks))
+        completed, tokens = self._sample_first(chunks, logits, rope_deltas)
+        if completed:
+            self._in_flight.append(_in_flight(completed, tokens, self._logprobs(completed, logits, tokens)))
+
+    def _sample_first(self, chunks: list[PrefillChunk], logits: torch.Tensor,
+                      rope_deltas: list[int]) -> tuple[list[Sequence], torch.Tensor | None]:
+        """The chunks' prefill is queued: sample the first token of the prompts it completes (`logits`, one row
+        each), which decode from the next step on. A preempted sequence coming back prefills its prompt and the
+        tokens it produced (what is still cached skipped). Returns those sequences and their tokens (device)."""
+        completed = [chunk.sequence for chunk in chunks if chunk.final]
+        self._scheduler.prefilled(chunks)
+        if not completed:
+            return [], None
         rows = self._sampler.admit([SlotHistory(s.slot, s.request.sampling, s.seed, s.request.prompt.input_ids[0],
-                                                s.output_ids) for s in sequences])
-        sampled = self._sampler.sample(logits, [s.slot for s in sequences], rows,
-                                       _banned([(s, s.produced) for s in sequences]), self._constraint(sequences))
+                                                s.output_ids) for s in completed])
+        sampled = self._sampler.sample(logits, [s.slot for s in completed], rows,
+                                       _banned([(s, s.produced) for s in completed]), self._constraint(completed))
         self._next_tokens[rows] = sampled
-        for sequence, rope_delta in zip(sequences, rope_deltas, strict=True):
+        for sequence, rope_delta in zip(completed, rope_deltas, strict=True):
             sequence.rope_delta = rope_delta
-        return _in_flight(sequences, sampled, self._logprobs(sequences, logits, sampled))
+        return completed, sampled
+
+    def _launch_together(self, batch: list[Sequence], chunks: list[PrefillChunk]) -> None:
+        """One decode step of `batch` and the prompt chunks in the same forward pass: decoding sequences wait
+        for no separate prefill step, and every weight is read once for both. If it fails, the chunks are
+        prefilled alone (one by one if need be) and the decode step runs alone, so that only what fails on its
+        own is failed."""
+        if not batch or not chunks:  # growing preempted every decoding sequence, or every chunk's
+            if chunks:
+                self._prefill_isolated(chunks)
+            if batch := self._scheduler.decode_batch():
+                self._in_flight.append(self._launch_decode(batch))
+            return
+        try:
+            decode_logits, row_slots, prefill_logits, rope_deltas = self._runner.prefill_and_decode(
+                _decode_rows(batch), self._next_tokens, _prefill_rows(chunks))
+            completed, first_tokens = self._sample_first(chunks, prefill_logits, rope_deltas)
+        except Exception as exc:  # nothing of the decode step is taken yet: it is simply run again, alone
+            self._recover(exc, f"a step of {len(batch)} decodes and {len(chunks)} prompt chunks")
+            self._prefill_isolated(chunks)
+            self._in_flight.append(self._launch_decode(batch))
+            return
+        tokens = self._sample_decode(batch, decode_logits, row_slots)
+        if completed:  # one step in flight, as it is one pass on the device
+            tokens, decode_logits = torch.cat([tokens, first_tokens]), torch.cat([decode_logits, prefill_logits])
+        sequences = batch + completed
+        self._in_flight.append(_in_flight(sequences, tokens, self._logprobs(sequences, decode_logits, tokens)))
 
     def _grow_blocks(self) -> None:
         """One more KV block for each sequence whose next step writes past its blocks, making room when none is
@@ -285,11 +327,14 @@ class EngineCore:
                 "blocks are free (%d preemptions so far; fewer concurrent sequences or a larger cache avoid them)",
                 sequence.request_id, sequence.produced, self.preemptions)
 
-    def _launch_decode(self) -> InFlightStep:
-        """Queue one decode step and its sampling on the device; nothing here waits for the GPU."""
-        batch = self._scheduler.decode_batch()
-        rows = [DecodeRow(s.slot, s.next_position, s.cache_len) for s in batch]
-        logits, row_slots = self._runner.decode(rows, self._next_tokens)
+    def _launch_decode(self, batch: list[Sequence]) -> InFlightStep:
+        """Queue one decode step of `batch` and its sampling on the device; nothing here waits for the GPU."""
+        logits, row_slots = self._runner.decode(_decode_rows(batch), self._next_tokens)
+        tokens = self._sample_decode(batch, logits, row_slots)
+        return _in_flight(batch, tokens, self._logprobs(batch, logits, tokens))
+
+    def _sample_decode(self, batch: list[Sequence], logits: torch.Tensor, row_slots: torch.Tensor) -> torch.Tensor:
+        """The batch's next tokens from its decode logits, fed to the next step on the device."""
         if any(s.grammar is not None for s in batch):
             # a grammar's mask needs the token before this one: collect the steps in flight while the GPU runs
             # this step's forward pass (only its sampling waits for the mask)
@@ -299,7 +344,7 @@ class EngineCore:
         self._next_tokens[row_slots] = tokens
         for sequence in batch:
             sequence.sampled += 1
-        return _in_flight(batch, tokens, self._logprobs(batch, logits, tokens))
+        return tokens
 
     def _constraint(self, sequences: list[Sequence]) -> Callable[[torch.Tensor], None] | None:
         """The grammar mask for a step's rows, where any of its sequences (still running) follows a grammar."""
@@ -341,7 +386,8 @@ class EngineCore:
         output = self._outbox.get(sequence.request_id)
         if output is None:
             logprobs = [] if sequence.request.sampling.logprobs is not None else None
-            output = self._outbox[sequence.request_id] = [sequence.request_id, [], None, None, logprobs]
+            output = self._outbox[sequence.request_id] = [sequence.request_id, [], None, None, logprobs,
+                                                          sequence.cached_tokens]
         return output
 
     def _end(self, sequence: Sequence, error: Exception | str | None = None) -> None:
@@ -355,7 +401,7 @@ class EngineCore:
         if self._scheduler.is_running(sequence):
             self._sampler.release(sequence.slot)
             self._runner.release(sequence.slot)
-            self._scheduler.release(sequence.slot)
+            self._scheduler.release(sequence.slot, cache=error is None)
         elif sequence in self._scheduler.waiting:
             self._scheduler.drop_waiting(sequence)
 
@@ -367,6 +413,14 @@ class EngineCore:
             raise EngineCoreBroken(f"{type(exc).__name__}: {exc}") from exc
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _decode_rows(batch: list[Sequence]) -> list[DecodeRow]:
+    return [DecodeRow(s.slot, s.next_position, s.cache_len) for s in batch]
+
+
+def _prefill_rows(chunks: list[PrefillChunk]) -> list[PrefillRow]:
+    return [PrefillRow(c.sequence.slot, c.blocks, c.sequence.prefill, c.start, c.end) for c in chunks]
 
 
 def _banned(rows: list[tuple[Sequence, int]]) -> list[tuple[int, int]]:

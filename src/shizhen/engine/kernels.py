@@ -140,14 +140,19 @@ def gather_positions(store: torch.Tensor, tables: torch.Tensor, length: int) -> 
     """Positions [0, length) of the sequences whose block tables are `tables` [rows, ≥ blocks], out of a paged
     store [blocks, kv_heads, block size, dim], as a [rows, kv_heads, length, dim] copy."""
     block_size = store.shape[2]
-    blocks = store[tables[:, : -(-length // block_size)]]
-    rows, count, kv_heads, _, dim = blocks.shape
-    return blocks.permute(0, 2, 1, 3, 4).reshape(rows, kv_heads, count * block_size, dim)[:, :, :length]
+    # indexing the heads-first view copies once, already in [kv heads, rows, blocks, positions, dim] order: the
+    # blocks and their positions then merge without a second copy
+    blocks = store.transpose(0, 1)[:, tables[:, : -(-length // block_size)]]
+    kv_heads, rows, count, _, dim = blocks.shape
+    return blocks.transpose(0, 1).reshape(rows, kv_heads, count * block_size, dim)[:, :, :length]
 
 
 def _attention_splits(device: torch.device, programs: int, length: int) -> int:
-    """Enough programs for two per SM, but no split shorter than 128 positions."""
-    return max(1, min(triton.cdiv(2 * _multiprocessors(device), programs), triton.cdiv(length, 128)))
+    """Enough programs for two per SM, but no split shorter than 128 positions; a power of two, as the count is
+    compiled into the kernel: the decode graphs compile them all at start-up, and a step that decodes eagerly
+    beside a prefill (any batch, any length) then never waits for a compile."""
+    wanted = max(1, min(triton.cdiv(2 * _multiprocessors(device), programs), triton.cdiv(length, 128)))
+    return 1 << (wanted.bit_length() - 1)
 
 
 @functools.cache

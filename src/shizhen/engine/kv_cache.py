@@ -31,12 +31,11 @@ class KVCache:
     def bytes_per_token(num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * kv_heads * head_dim * torch.finfo(dtype).bits // 8
 
-    def gather(self, layer: int, slots: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of positions [0, length) of the sequences in `slots`, as [len(slots), kv_heads, length, dim]
-        copies (what prefill attention reads)."""
-        tables = self.block_tables[slots]
-        return (gather_positions(self.keys[layer], tables, length),
-                gather_positions(self.values[layer], tables, length))
+    def gather(self, layer: int, table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of positions [0, length) of the sequence whose block table is `table`, as [kv_heads, length,
+        dim] copies (what prefill attention reads)."""
+        return (gather_positions(self.keys[layer], table[None], length)[0],
+                gather_positions(self.values[layer], table[None], length)[0])
 
     def clear_table(self, slot: int) -> None:
         """Point a freed slot at block 0 again (queued on the device after every step that still uses its blocks)."""

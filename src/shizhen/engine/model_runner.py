@@ -10,15 +10,18 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
+from torch.nn.attention import sdpa_kernel
 
 from .allocation import blocks_for
 from .device_copy import to_device
+from .image_encodings import ImageEncodings
 from .kv_cache import KVCache
 from .loader import LoadedModel
 from .prompt import PromptInputs
-from .text_stack import TextStack
+from .text_stack import PREFILL_ATTENTION, DecodeRows, PackedChunks, TextStack
 from .vision_attention import use_packed_vision_attention
 
 log = logging.getLogger(__name__)
@@ -34,6 +37,15 @@ class DecodeRow:
     cache_len: int  # tokens already in the slot; the fed token's K/V goes here
 
 
+@dataclass(frozen=True)
+class PrefillRow:
+    slot: int
+    blocks: list[int]  # the slot's block table
+    prompt: PromptInputs  # what the sequence prefills (its prompt, and after a preemption what it produced)
+    start: int  # this chunk: positions [start, end) of `prompt`; those before are in the cache already
+    end: int
+
+
 def buckets(candidates: tuple[int, ...], limit: int) -> list[int]:
     return [size for size in candidates if size < limit] + [limit]
 
@@ -42,7 +54,7 @@ class ModelRunner:
     """Built in two steps: the runner (weights regrouped, `probe_prefill` usable for memory planning), then
     `allocate_cache` with the planned number of KV blocks, which also captures the decode graphs."""
 
-    def __init__(self, loaded: LoadedModel, slots: int, max_len: int):
+    def __init__(self, loaded: LoadedModel, slots: int, max_len: int, image_cache_tokens: int = 0):
         self._loaded = loaded
         self._model = loaded.model
         self._config = config = loaded.model.model.language_model.config
@@ -51,6 +63,9 @@ class ModelRunner:
         self.kv_bytes_per_token = KVCache.bytes_per_token(config.num_hidden_layers, config.num_key_value_heads,
                                                           self._head_dim, loaded.dtype)
         self.kv: KVCache | None = None
+        self.image_encodings = ImageEncodings(image_cache_tokens)
+        # what the image encodings may take at most (memory planning leaves it out of the KV cache)
+        self.image_cache_bytes = image_cache_tokens * config.hidden_size * torch.finfo(loaded.dtype).bits // 8
         self._slots, self._max_len = slots, max_len
         self.batch_buckets = buckets(BATCH_BUCKETS, slots)
         self.length_buckets = buckets(LENGTH_BUCKETS, max_len)
@@ -76,11 +91,12 @@ class ModelRunner:
 
     @torch.inference_mode()
     def probe_prefill(self, prompt: PromptInputs) -> int:
-        """Prefill `prompt` into a throwaway cache, as memory planning measures the activation peak with; returns
-        the bytes that cache took (not part of the peak that matters)."""
+        """Prefill `prompt` into a throwaway cache, as memory planning measures the activation peak with (its
+        images all through the vision tower, none from the cache); returns the bytes that cache took (not part of
+        the peak that matters)."""
         blocks = list(range(1, blocks_for(prompt.num_tokens) + 1))
         probe = self._cache(len(blocks) + 1, 1, prompt.num_tokens)
-        self._prefill_into(probe, [(0, blocks, prompt)])
+        self._prefill_into(probe, [PrefillRow(0, blocks, prompt, 0, prompt.num_tokens)], ImageEncodings(0))
         return sum(t.numel() * t.element_size() for t in [*probe.keys, *probe.values, probe.block_tables])
 
     def allocate_cache(self, blocks: int, use_graphs: bool) -> None:
@@ -90,45 +106,108 @@ class ModelRunner:
 
     # --- prefill ---------------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, admitted: list[tuple[int, list[int], PromptInputs]]) -> tuple[torch.Tensor, list[int]]:
-        """Run prompts (and their images) into their slots and KV blocks — (slot, blocks, prompt) each — in one
-        forward pass, right-padded to the longest. Returns each prompt's last-position logits
-        [len(admitted), vocab] and rope deltas."""
-        return self._prefill_into(self.kv, admitted)
+    def prefill(self, rows: list[PrefillRow]) -> tuple[torch.Tensor, list[int]]:
+        """Run prompt chunks (and the images their tokens hold) into their slots' KV blocks in one forward pass,
+        packed without padding; a chunk attends to its prompt's positions before it, already in the cache.
+        Returns the last-position logits [final rows, vocab] and rope deltas of the rows that end their prompt;
+        those rows' slots get their block tables, so the next decode step includes them."""
+        return self._prefill_into(self.kv, rows, self.image_encodings)
 
-    def _prefill_into(self, kv: KVCache, admitted: list[tuple[int, list[int], PromptInputs]]
+    @torch.inference_mode()
+    def prefill_and_decode(self, decode_rows: list[DecodeRow], next_tokens: torch.Tensor,
+                           prefill_rows: list[PrefillRow]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+        """A decode step and prompt chunks in one forward pass, so the decoding sequences wait for no separate
+        prefill step: every weight is read once for both. Eager (its shapes vary with the chunks). Returns what
+        `decode` and `prefill` return: decode logits in the order of `decode_rows` and their slots on the device,
+        then the final chunks' logits and rope deltas."""
+        device = self.device
+        slots = to_device(torch.tensor([row.slot for row in decode_rows]), device)
+        steps = to_device(torch.tensor([[row.position for row in decode_rows], [row.cache_len for row in decode_rows]]),
+                          device)
+        decode = DecodeRows(tokens=next_tokens[slots], positions=steps[0], cache_lens=steps[1],
+                            tables=self.kv.block_tables[slots],
+                            length=max(row.cache_len for row in decode_rows) + 1)
+        chunks, final = self._pack(self.kv, prefill_rows, self.image_encodings)
+        logits = self._text.prefill(self.kv, chunks, decode)
+        self._join_decode(self.kv, prefill_rows, final, chunks)
+        return logits[: len(decode_rows)], slots, logits[len(decode_rows) :], [delta for _, delta in final]
+
+    def _prefill_into(self, kv: KVCache, rows: list[PrefillRow], encodings: ImageEncodings
                       ) -> tuple[torch.Tensor, list[int]]:
-        device = self.device
-        prompts = [prompt for _, _, prompt in admitted]
-        tables = torch.zeros(len(admitted), kv.block_tables.shape[1], dtype=torch.long)
-        for row, (_, blocks, _) in enumerate(admitted):
-            tables[row, : len(blocks)] = torch.tensor(blocks)
-        slots = to_device(torch.tensor([slot for slot, _, _ in admitted]), device)
-        kv.block_tables[slots] = to_device(tables, device)
-        longest = max(prompt.num_tokens for prompt in prompts)
-        input_ids = torch.zeros(len(prompts), longest, dtype=torch.long, device=device)
-        positions = torch.arange(longest, device=device).view(1, 1, -1).repeat(3, len(prompts), 1)
-        deltas = []
-        for row, prompt in enumerate(prompts):
-            input_ids[row, : prompt.num_tokens] = to_device(prompt.input_ids, device)[0]
-            if prompt.image_grid_thw is not None:
-                row_positions, delta = self._image_prompt_positions(prompt)
-                positions[:, row, : prompt.num_tokens] = to_device(row_positions[:, 0].contiguous(), device)
-                deltas.append(delta)
-            else:
-                deltas.append(0)
-        last = to_device(torch.tensor([prompt.num_tokens - 1 for prompt in prompts]), device)
-        return self._text.prefill(kv, input_ids, positions, slots, last, self._vision_inputs(prompts)), deltas
+        chunks, final = self._pack(kv, rows, encodings)
+        logits = self._text.prefill(kv, chunks)
+        self._join_decode(kv, rows, final, chunks)
+        return logits, [delta for _, delta in final]
 
-    def _vision_inputs(self, prompts: list[PromptInputs]) -> dict[str, torch.Tensor]:
-        with_images = [prompt for prompt in prompts if prompt.pixel_values is not None]
-        if not with_images:
-            return {}
+    def _pack(self, kv: KVCache, rows: list[PrefillRow], encodings: ImageEncodings
+              ) -> tuple[PackedChunks, list[tuple[int, int]]]:
+        """The rows' chunks end to end on the device, and (row, rope delta) of each row that ends its prompt."""
         device = self.device
-        return {
-            "pixel_values": to_device(torch.cat([p.pixel_values for p in with_images]), device).to(self._loaded.dtype),
-            "image_grid_thw": to_device(torch.cat([p.image_grid_thw for p in with_images]), device),
-        }
+        lengths = [row.end - row.start for row in rows]
+        offsets = [0, *accumulate(lengths)][:-1]
+        tables = torch.zeros(len(rows), kv.block_tables.shape[1], dtype=torch.long)
+        positions = torch.empty(3, sum(lengths), dtype=torch.long)
+        final = []
+        for index, (row, offset, length) in enumerate(zip(rows, offsets, lengths, strict=True)):
+            tables[index, : len(row.blocks)] = torch.tensor(row.blocks)
+            if row.prompt.image_grid_thw is not None:
+                row_positions, delta = self._image_prompt_positions(row.prompt)
+                positions[:, offset : offset + length] = row_positions[:, 0, row.start : row.end]
+            else:
+                positions[:, offset : offset + length] = torch.arange(row.start, row.end)
+                delta = 0
+            if row.end == row.prompt.num_tokens:
+                final.append((index, delta))
+        chunks = PackedChunks(
+            input_ids=to_device(torch.cat([row.prompt.input_ids[0, row.start : row.end] for row in rows]), device),
+            positions=to_device(positions, device),
+            tables=to_device(tables, device),
+            token_rows=to_device(torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(lengths)), device),
+            token_positions=to_device(torch.cat([torch.arange(row.start, row.end) for row in rows]), device),
+            spans=[(offset, row.start, row.end) for row, offset in zip(rows, offsets, strict=True)],
+            last=to_device(torch.tensor([offsets[i] + lengths[i] - 1 for i, _ in final], dtype=torch.long), device),
+            images=self._image_embeddings(rows, encodings))
+        return chunks, final
+
+    def _join_decode(self, kv: KVCache, rows: list[PrefillRow], final: list[tuple[int, int]],
+                     chunks: PackedChunks) -> None:
+        """Rows whose prompt is complete get their block tables in `kv`: decode steps from now on include them
+        (until then a slot's row is block 0's, so a graph's padding rows write nothing of theirs)."""
+        if final:  # indices copied to the device first: indexing with a list would copy it, waiting for the GPU
+            indices = to_device(torch.tensor([[rows[i].slot, i] for i, _ in final]).T.contiguous(), self.device)
+            kv.block_tables[indices[0]] = chunks.tables[indices[1]]
+
+    def _image_embeddings(self, rows: list[PrefillRow], encodings: ImageEncodings) -> torch.Tensor | None:
+        """The vision tower's output for the image tokens inside the rows' chunks, in their order; images not in
+        `encodings` go through the tower (together) and are kept there."""
+        pieces, encoded, to_encode = [], {}, {}
+        for row in rows:
+            prompt = row.prompt
+            patch_starts = [0, *accumulate(prompt.image_patches())]
+            for image, ((first, end), image_hash) in enumerate(zip(prompt.image_spans(), prompt.image_hashes,
+                                                                   strict=True)):
+                if first >= row.end or end <= row.start:
+                    continue
+                pieces.append((image_hash, max(first, row.start) - first, min(end, row.end) - first))
+                if image_hash not in encoded and image_hash not in to_encode:
+                    if (cached := encodings.get(image_hash)) is not None:
+                        encoded[image_hash] = cached
+                    else:
+                        to_encode[image_hash] = (prompt.pixel_values[patch_starts[image] : patch_starts[image + 1]],
+                                                 prompt.image_grid_thw[image : image + 1])
+        if not pieces:
+            return None
+        if to_encode:
+            device = self.device
+            pixels, grids = zip(*to_encode.values(), strict=True)
+            with sdpa_kernel(PREFILL_ATTENTION):
+                outputs = self._model.model.get_image_features(
+                    pixel_values=to_device(torch.cat(pixels), device).to(self._loaded.dtype),
+                    image_grid_thw=to_device(torch.cat(grids), device)).pooler_output
+            for image_hash, output in zip(to_encode, outputs, strict=True):
+                encoded[image_hash] = output
+                encodings.put(image_hash, output)
+        return torch.cat([encoded[image_hash][first:end] for image_hash, first, end in pieces])
 
     def _image_prompt_positions(self, prompt: PromptInputs) -> tuple[torch.Tensor, int]:
         """(3, 1, prompt_len) rotary positions of a prompt with images, and the offset text positions continue from

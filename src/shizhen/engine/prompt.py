@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, replace
 
@@ -31,6 +32,7 @@ class PromptInputs:
     pixel_values: torch.Tensor | None = None
     image_grid_thw: torch.Tensor | None = None
     image_token_id: int | None = None
+    image_hashes: tuple[str, ...] = ()  # per image, of its pixel values: what the engine's caches know it by
 
     @property
     def num_tokens(self) -> int:
@@ -50,6 +52,22 @@ class PromptInputs:
         if self.image_token_id is None:
             return 0
         return int((self.input_ids == self.image_token_id).sum())
+
+    def image_spans(self) -> list[tuple[int, int]]:
+        """Per image, the positions [first, end) of its placeholder tokens (images are never adjacent: each sits
+        between its own vision start and end tokens)."""
+        if self.image_token_id is None:
+            return []
+        is_image = (self.input_ids[0] == self.image_token_id).tolist()
+        edges = [i for i in range(len(is_image) + 1)
+                 if (is_image[i] if i < len(is_image) else False) != (is_image[i - 1] if i else False)]
+        return list(zip(edges[::2], edges[1::2], strict=True))
+
+    def image_patches(self) -> list[int]:
+        """Per image, its rows of `pixel_values` (its tokens are a quarter of them: 2x2 patches merge into one)."""
+        if self.image_grid_thw is None:
+            return []
+        return [int(t * h * w) for t, h, w in self.image_grid_thw.tolist()]
 
 
 class PromptBuilder:
@@ -95,13 +113,14 @@ class PromptBuilder:
             encoded = self._processor(text=[text], return_tensors="pt")
             return PromptInputs(input_ids=encoded["input_ids"])
         encoded = self._processor(text=[text], images=images, return_tensors="pt", **self._image_kwargs)
-        return PromptInputs(
+        prompt = PromptInputs(
             input_ids=encoded["input_ids"],
             mm_token_type_ids=encoded["mm_token_type_ids"],
             pixel_values=encoded["pixel_values"],
             image_grid_thw=encoded["image_grid_thw"],
             image_token_id=self._processor.image_token_id,
         )
+        return replace(prompt, image_hashes=_image_hashes(prompt))
 
     @staticmethod
     def from_token_ids(token_ids: list[int]) -> PromptInputs:
@@ -153,7 +172,21 @@ class PromptBuilder:
         if count < 1:
             return PromptInputs(input_ids=torch.zeros(1, tokens, dtype=torch.long))
         prompt = with_images(count)
+        # told apart, as different photos would be: each goes through the vision tower
+        prompt = replace(prompt, image_hashes=tuple(f"planning-{image}" for image in range(count)))
         return prompt.followed_by([0] * (tokens - prompt.num_tokens))
+
+
+def _image_hashes(prompt: PromptInputs) -> tuple[str, ...]:
+    """The content hash of each image as the vision tower sees it (its resized, normalised patches and their grid):
+    the same photo sent again finds its cached encoding and KV blocks; any other photo cannot."""
+    hashes, start = [], 0
+    for image, patches in enumerate(prompt.image_patches()):
+        digest = hashlib.sha256(prompt.image_grid_thw[image].numpy().tobytes())
+        digest.update(prompt.pixel_values[start : start + patches].contiguous().view(torch.uint8).numpy())
+        hashes.append(digest.hexdigest())
+        start += patches
+    return tuple(hashes)
 
 
 def _template_content(parts: tuple[Part, ...]) -> str | list[dict]:

@@ -27,6 +27,7 @@ class GenerationOutput:
     finish_reason: str | None = None  # "stop" | "length" once finished
     # where asked for: per token of `text`, (token id, logprob, [(id, logprob) of the likeliest])
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None
+    cached_tokens: int | None = None  # prompt tokens the engine found in its prefix cache (known from the first)
 
 
 class EngineFailure(Exception):

@@ -1,4 +1,4 @@
-"""The text model's layers as explicit code over the paged KV cache: prefill of whole prompts, one-token decode.
+"""The text model's layers as explicit code over the paged KV cache: prefill of prompt chunks, one-token decode.
 
 transformers' layers launch ~20 kernels per layer; these launch ~8 (kernels.py): RMSNorm fused with the residual add
 before it, q/k/v as one projection and gate/up as another (their weights are stacked here, once), rotary embedding
@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 from . import kernels
 from .kv_cache import KVCache
@@ -26,6 +27,31 @@ from .kv_cache import KVCache
 # and photos rarely repeat
 PREFILL_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 Attend = Callable[[int, torch.Tensor], torch.Tensor]  # (layer index, fused q/k/v rows) → attention output rows
+
+
+@dataclass(frozen=True)
+class PackedChunks:
+    """One prefill step's prompt chunks, their tokens end to end (no padding), on the device."""
+
+    input_ids: torch.Tensor  # [tokens]
+    positions: torch.Tensor  # [3, tokens]: Qwen2.5-VL's rotary positions (time, height, width)
+    tables: torch.Tensor  # [rows, blocks]: each chunk's block table
+    token_rows: torch.Tensor  # [tokens]: the row of `tables` each token's K/V goes to
+    token_positions: torch.Tensor  # [tokens]: its position in its sequence
+    spans: list[tuple[int, int, int]]  # per row, on the host: (offset in the tokens, first position, end position)
+    last: torch.Tensor  # the token indices whose logits are returned
+    images: torch.Tensor | None  # [image tokens, hidden]: the vision tower's output for the image placeholders
+
+
+@dataclass(frozen=True)
+class DecodeRows:
+    """A decode step riding along with a prefill: one token per sequence, on the device."""
+
+    tokens: torch.Tensor  # [rows]: each sequence's last sampled token
+    positions: torch.Tensor  # [rows]: its rotary position
+    cache_lens: torch.Tensor  # [rows]: where its K/V goes (tokens already in the cache)
+    tables: torch.Tensor  # [rows, blocks]: the sequences' block tables
+    length: int  # no row attends beyond this many positions
 
 
 @dataclass(frozen=True)
@@ -52,36 +78,55 @@ class TextStack:
         self._scale = self._text.layers[0].self_attn.scaling
 
     @torch.inference_mode()
-    def prefill(self, kv: KVCache, input_ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
-                last: torch.Tensor, vision: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Prompts [batch, length] (right-padded) into their `slots` of `kv` (block tables set), with rotary
-        positions [3, batch, length] and the images in `vision` (pixel_values, image_grid_thw) for their
-        placeholder tokens. Returns the logits at each prompt's `last` position. Padding writes K/V past its
-        prompt's end (or into the scratch block), which decode overwrites before anything reads it; causal
-        attention keeps it from every real token."""
-        batch, length = input_ids.shape
+    def prefill(self, kv: KVCache, chunks: PackedChunks, decode: DecodeRows | None = None) -> torch.Tensor:
+        """Prompt chunks, packed, into their rows' blocks of `kv`; each chunk attends causally to itself and to all
+        of its prompt before it (in the cache already). With `decode`, one decode step of those rows rides along
+        in the same pass (their tokens first). Returns the logits of the decode rows, then of the chunks' `last`
+        positions."""
+        ahead = decode.tokens.shape[0] if decode is not None else 0
+        input_ids = torch.cat([decode.tokens, chunks.input_ids]) if decode is not None else chunks.input_ids
         embeds = self._text.embed_tokens(input_ids)
-        if vision:
-            with sdpa_kernel(PREFILL_ATTENTION):
-                images = torch.cat(self._model.get_image_features(**vision).pooler_output).to(embeds.dtype)
-            placeholders = (input_ids == self._image_token_id).unsqueeze(-1).expand_as(embeds)
-            embeds = embeds.masked_scatter(placeholders, images)
-        cos, sin = (table.reshape(batch * length, -1) for table in self._text.rotary_emb(embeds, positions))
-        token_slots = slots.repeat_interleave(length)
-        token_positions = torch.arange(length, device=input_ids.device).repeat(batch)
+        if chunks.images is not None:
+            placeholders = chunks.input_ids == self._image_token_id  # not a decode row's: it may sample that id
+            if decode is not None:
+                placeholders = torch.cat([torch.zeros_like(decode.tokens, dtype=torch.bool), placeholders])
+            embeds = embeds.masked_scatter(placeholders.unsqueeze(-1).expand_as(embeds),
+                                           chunks.images.to(embeds.dtype))
+        positions, tables = chunks.positions, chunks.tables
+        token_rows, token_positions = chunks.token_rows, chunks.token_positions
+        if decode is not None:  # a text token's three rotary position axes are equal
+            positions = torch.cat([decode.positions.expand(3, ahead), positions], dim=1)
+            tables = torch.cat([decode.tables, tables])
+            token_rows = torch.cat([torch.arange(ahead, device=token_rows.device), token_rows + ahead])
+            token_positions = torch.cat([decode.cache_lens, token_positions])
+        cos, sin = (table[0] for table in self._text.rotary_emb(embeds[None], positions[:, None]))
 
         def attend(index: int, qkv: torch.Tensor) -> torch.Tensor:
-            query = kernels.rotary_to_cache(qkv, cos, sin, kv.keys[index], kv.values[index], kv.block_tables,
-                                            token_slots, token_positions, self._heads, self._kv_heads)
-            query = query.view(batch, length, self._heads, -1).transpose(1, 2)
-            keys, values = kv.gather(index, slots, length)
+            keys, values = kv.keys[index], kv.values[index]
+            query = kernels.rotary_to_cache(qkv, cos, sin, keys, values, tables, token_rows, token_positions,
+                                            self._heads, self._kv_heads)
+            outputs = []
+            if decode is not None:
+                outputs.append(kernels.decode_attention(query[:ahead], keys, values, decode.tables,
+                                                        decode.cache_lens, self._scale, decode.length))
             with sdpa_kernel(PREFILL_ATTENTION):
-                out = F.scaled_dot_product_attention(query, keys, values, is_causal=length > 1, scale=self._scale,
-                                                     enable_gqa=True)
-            return out.transpose(1, 2).reshape(batch * length, -1)
+                for row, (offset, start, end) in enumerate(chunks.spans):
+                    length, offset = end - start, offset + ahead
+                    row_query = query[offset : offset + length].transpose(0, 1)[None]
+                    row_keys, row_values = kv.gather(index, chunks.tables[row], end)
+                    # causal from the chunk's first position on: every cached position before it is visible
+                    mask = causal_lower_right(length, end) if start and length > 1 else None
+                    attended = F.scaled_dot_product_attention(row_query, row_keys[None], row_values[None],
+                                                              attn_mask=mask, is_causal=not start and length > 1,
+                                                              scale=self._scale, enable_gqa=True)
+                    outputs.append(attended[0].transpose(0, 1).reshape(length, -1))
+            return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
-        hidden = self._run_layers(embeds.view(batch * length, -1), attend).view(batch, length, -1)
-        return kernels.linear(hidden[torch.arange(batch, device=last.device), last], self._lm_head.weight)
+        hidden = self._run_layers(embeds, attend)
+        rows = chunks.last + ahead
+        if decode is not None:
+            rows = torch.cat([torch.arange(ahead, device=rows.device), rows])
+        return kernels.linear(hidden[rows], self._lm_head.weight)
 
     @torch.inference_mode()
     def decode(self, kv: KVCache, tokens: torch.Tensor, positions: torch.Tensor, cache_lens: torch.Tensor,

@@ -41,7 +41,7 @@ def encode_request(request: GenerationRequest) -> tuple[dict, list[memoryview]]:
     frames: list[memoryview] = []
     encoded = {name: _encode_tensor(getattr(prompt, name), frames) for name in _PROMPT_TENSORS}
     payload = {"request_id": request.request_id, "arrived": request.arrived, "sampling": asdict(request.sampling),
-               "prompt": encoded | {"image_token_id": prompt.image_token_id}}
+               "prompt": encoded | {"image_token_id": prompt.image_token_id, "image_hashes": list(prompt.image_hashes)}}
     return payload, frames
 
 
@@ -55,7 +55,8 @@ def decode_request(payload: dict, frames: list) -> GenerationRequest:
     return GenerationRequest(
         request_id=payload["request_id"],
         prompt=PromptInputs(**{name: _decode_tensor(prompt[name], frames) for name in _PROMPT_TENSORS},
-                            image_token_id=prompt["image_token_id"]),
+                            image_token_id=prompt["image_token_id"],
+                            image_hashes=tuple(prompt["image_hashes"])),
         sampling=SamplingParams(**sampling),
         arrived=payload["arrived"],
     )

@@ -67,9 +67,17 @@ class ServerMetrics:
         self.requests_waiting.set_function(lambda: engine.stats.waiting)
         self.kv_cache_usage.set_function(lambda: engine.stats.kv_usage)
         self.model_load_seconds.set_function(lambda: engine.info.load_seconds if engine.info else 0.0)
-        self.registry.register(_CountedByEngine("shizhen:num_preemptions", "Sequences preempted for KV-cache "
-                                                "blocks (they resume by recomputing).",
-                                                lambda: engine.stats.preemptions))
+        for name, documentation, counter in (
+            ("shizhen:num_preemptions", "Sequences preempted for KV-cache blocks (they resume by recomputing).",
+             "preemptions"),
+            ("shizhen:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", "prefix_queried_tokens"),
+            ("shizhen:prefix_cache_hits", "Prompt tokens found in the prefix cache (not computed).",
+             "prefix_hit_tokens"),
+            ("shizhen:image_cache_hits", "Images whose vision-tower output was cached.", "image_cache_hits"),
+            ("shizhen:image_cache_misses", "Images run through the vision tower.", "image_cache_misses"),
+        ):
+            self.registry.register(_CountedByEngine(name, documentation,
+                                                    lambda counter=counter: getattr(engine.stats, counter)))
 
     def render(self) -> bytes:
         for device, memory in (self._engine.stats.gpu_memory if self._engine else {}).items():
