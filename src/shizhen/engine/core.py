@@ -3,9 +3,10 @@ batched loop. No IO, no threads: the engine process (core_process.py) feeds it r
 each step returns; benchmarks drive it directly.
 
 Each step plans (aborted sequences end, the step's prompt chunks are chosen, admitting waiting sequences), launches
-(the chunks' prefill, one more KV block for sequences that fill their last one, then one decode step for every
-sequence done prefilling) and collects the previous step's tokens while this one runs on the GPU. Decode feeds the sampled tokens back on the device, so the host's per-token
-work overlaps the next step instead of stalling it; a sequence that finished is simply dropped from the step already
+(one more KV block for sequences that fill their last one, then the chunks and one decode step of every sequence
+done prefilling, in one forward pass) and collects the previous step's tokens while this one runs on the GPU. Decode
+feeds the sampled tokens back on the device, so the host's per-token work overlaps the next step instead of
+stalling it; a sequence that finished is simply dropped from the step already
 in flight. Preemption is decided in one place (`_make_room`), failure in one place (`_end` with an error, after
 `_recover`).
 """
@@ -182,7 +183,8 @@ class EngineCore:
             if chunks and scheduler.decode_batch():
                 self._grow_blocks()  # that may preempt, sequences with a chunk planned too
                 chunks = [chunk for chunk in chunks if scheduler.is_running(chunk.sequence)]
-                self._launch_together(scheduler.decode_batch(), chunks)
+            if chunks and (batch := scheduler.decode_batch()):
+                self._launch_together(batch, chunks)
             else:
                 if chunks:
                     self._prefill_isolated(chunks)
@@ -275,12 +277,6 @@ class EngineCore:
         for no separate prefill step, and every weight is read once for both. If it fails, the chunks are
         prefilled alone (one by one if need be) and the decode step runs alone, so that only what fails on its
         own is failed."""
-        if not batch or not chunks:  # growing preempted every decoding sequence, or every chunk's
-            if chunks:
-                self._prefill_isolated(chunks)
-            if batch := self._scheduler.decode_batch():
-                self._in_flight.append(self._launch_decode(batch))
-            return
         try:
             decode_logits, row_slots, prefill_logits, rope_deltas = self._runner.prefill_and_decode(
                 _decode_rows(batch), self._next_tokens, _prefill_rows(chunks))

@@ -47,7 +47,8 @@ def plan_blocks(runner: ModelRunner, builder: PromptBuilder, max_len: int, max_n
     blocks = min(useful, int(budget // (BLOCK_SIZE * per_token)))
     log.info("GPU memory: %.1f GiB total, %.1f GiB in use, activation peak %.2f GiB, image encodings %.2f GiB; KV "
              "cache budget %.2f GiB (%d KiB per token) → %d blocks of %d tokens (%d tokens)", total / GIB, used / GIB,
-             activation / GIB, runner.image_cache_bytes / GIB, budget / GIB, per_token // 1024, blocks, BLOCK_SIZE, (blocks - 1) * BLOCK_SIZE)
+             activation / GIB, runner.image_cache_bytes / GIB, budget / GIB, per_token // 1024, blocks, BLOCK_SIZE,
+             (blocks - 1) * BLOCK_SIZE)
     if blocks < blocks_for(max_len) + 1:
         raise NotEnoughMemory(
             f"the KV cache needs {max_len * per_token / GIB:.2f} GiB for one {max_len}-token sequence but only "

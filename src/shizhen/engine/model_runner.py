@@ -114,28 +114,24 @@ class ModelRunner:
         return self._prefill_into(self.kv, rows, self.image_encodings)
 
     @torch.inference_mode()
-    def prefill_and_decode(self, decode_rows: list[DecodeRow], next_tokens: torch.Tensor,
-                           prefill_rows: list[PrefillRow]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    def prefill_and_decode(self, decode_rows: list[DecodeRow], next_tokens: torch.Tensor, prefill_rows: list[PrefillRow]
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
         """A decode step and prompt chunks in one forward pass, so the decoding sequences wait for no separate
         prefill step: every weight is read once for both. Eager (its shapes vary with the chunks). Returns what
         `decode` and `prefill` return: decode logits in the order of `decode_rows` and their slots on the device,
         then the final chunks' logits and rope deltas."""
-        device = self.device
-        slots = to_device(torch.tensor([row.slot for row in decode_rows]), device)
-        steps = to_device(torch.tensor([[row.position for row in decode_rows], [row.cache_len for row in decode_rows]]),
-                          device)
-        decode = DecodeRows(tokens=next_tokens[slots], positions=steps[0], cache_lens=steps[1],
+        slots, positions, cache_lens = to_device(torch.tensor(
+            [[row.slot, row.position, row.cache_len] for row in decode_rows]).T.contiguous(), self.device)
+        decode = DecodeRows(tokens=next_tokens[slots], positions=positions, cache_lens=cache_lens,
                             tables=self.kv.block_tables[slots],
                             length=max(row.cache_len for row in decode_rows) + 1)
-        chunks, final = self._pack(self.kv, prefill_rows, self.image_encodings)
-        logits = self._text.prefill(self.kv, chunks, decode)
-        self._join_decode(self.kv, prefill_rows, final, chunks)
-        return logits[: len(decode_rows)], slots, logits[len(decode_rows) :], [delta for _, delta in final]
+        logits, deltas = self._prefill_into(self.kv, prefill_rows, self.image_encodings, decode)
+        return logits[: len(decode_rows)], slots, logits[len(decode_rows) :], deltas
 
-    def _prefill_into(self, kv: KVCache, rows: list[PrefillRow], encodings: ImageEncodings
-                      ) -> tuple[torch.Tensor, list[int]]:
+    def _prefill_into(self, kv: KVCache, rows: list[PrefillRow], encodings: ImageEncodings,
+                      decode: DecodeRows | None = None) -> tuple[torch.Tensor, list[int]]:
         chunks, final = self._pack(kv, rows, encodings)
-        logits = self._text.prefill(kv, chunks)
+        logits = self._text.prefill(kv, chunks, decode)
         self._join_decode(kv, rows, final, chunks)
         return logits, [delta for _, delta in final]
 

@@ -40,8 +40,9 @@ def encode_request(request: GenerationRequest) -> tuple[dict, list[memoryview]]:
     prompt = request.prompt
     frames: list[memoryview] = []
     encoded = {name: _encode_tensor(getattr(prompt, name), frames) for name in _PROMPT_TENSORS}
+    encoded |= {"image_token_id": prompt.image_token_id, "image_hashes": list(prompt.image_hashes)}
     payload = {"request_id": request.request_id, "arrived": request.arrived, "sampling": asdict(request.sampling),
-               "prompt": encoded | {"image_token_id": prompt.image_token_id, "image_hashes": list(prompt.image_hashes)}}
+               "prompt": encoded}
     return payload, frames
 
 
